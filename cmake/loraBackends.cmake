@@ -1,0 +1,19 @@
+# Optional back ends for our own programs: BLAS for Eigen's GEMMs and OpenMP threads.
+# lora_target_backends(target) applies whichever is enabled.
+if(LORA_USE_BLAS)
+  set(BLA_VENDOR OpenBLAS)
+  find_package(BLAS REQUIRED)
+endif()
+if(LORA_USE_OPENMP)
+  find_package(OpenMP REQUIRED)
+endif()
+
+function(lora_target_backends target)
+  if(LORA_USE_BLAS)
+    target_compile_definitions(${target} PRIVATE EIGEN_USE_BLAS)
+    target_link_libraries(${target} PRIVATE BLAS::BLAS)
+  endif()
+  if(LORA_USE_OPENMP)
+    target_link_libraries(${target} PRIVATE OpenMP::OpenMP_CXX)
+  endif()
+endfunction()

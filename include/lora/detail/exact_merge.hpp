@@ -1,0 +1,162 @@
+// lora/detail/exact_merge.hpp: merging a low-rank delta into a weight so that it can be taken out
+// again bit for bit.
+//
+// Floating-point addition does not invert: fl(fl(W + D) - D) differs from W by a few ulps in general,
+// which is the drift PEFT users see after merge/unmerge cycles. We merge W' = fl(W + D) and record,
+// per element, how many ulps u = fl(W' - D) lies from the original W, as an int8 (1 byte per weight,
+// a quarter of a float copy). Unmerge recomputes D deterministically from copies of the factors
+// taken at merge time, forms u, and steps it back by the recorded ulps. Elements whose distance does
+// not fit in an int8 (|D| >> |W|, signed zeros, NaN) keep their original value in a sparse list.
+//
+// D is formed column block by column block with a coefficient-based (lazy) product, whose summation
+// order depends only on the shapes, never on thread counts or cache blocking, so merge and unmerge
+// see the very same D.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../config.hpp"
+
+namespace lora::detail {
+
+/// Same-size unsigned integer for a floating type.
+template <typename Scalar>
+using bits_of = std::conditional_t<sizeof(Scalar) == 4, std::uint32_t, std::uint64_t>;
+
+/// Maps a float to an integer that is monotonic in the float's value (ulp steps are unit steps).
+/// +0 and -0 both map to 0; NaNs map somewhere meaningless (callers verify round trips).
+template <typename Scalar>
+std::int64_t ordered_int(Scalar x) {
+  static_assert(std::is_floating_point_v<Scalar> && (sizeof(Scalar) == 4 || sizeof(Scalar) == 8),
+                "exact merge supports float and double");
+  using U = bits_of<Scalar>;
+  U u;
+  std::memcpy(&u, &x, sizeof u);
+  constexpr U sign = U{1} << (sizeof(U) * 8 - 1);
+  if constexpr (sizeof(U) == 4) {
+    return (u & sign) ? -static_cast<std::int64_t>(u & ~sign) : static_cast<std::int64_t>(u);
+  } else {
+    // Magnitudes use at most 63 bits, so they fit in int64.
+    return (u & sign) ? -static_cast<std::int64_t>(u & ~sign) : static_cast<std::int64_t>(u);
+  }
+}
+
+/// Inverse of ordered_int (0 maps to +0).
+template <typename Scalar>
+Scalar from_ordered_int(std::int64_t k) {
+  using U = bits_of<Scalar>;
+  constexpr U sign = U{1} << (sizeof(U) * 8 - 1);
+  const std::uint64_t magnitude = k < 0 ? 0 - static_cast<std::uint64_t>(k) : static_cast<std::uint64_t>(k);
+  const U u = static_cast<U>(magnitude) | (k < 0 ? sign : U{0});
+  Scalar x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+/// u stepped by `step` ulps; step 0 keeps u's bits exactly (including the sign of a zero).
+template <typename Scalar>
+Scalar step_ulps(Scalar u, std::int64_t step) {
+  if (step == 0) return u;
+  return from_ordered_int<Scalar>(
+      static_cast<std::int64_t>(static_cast<std::uint64_t>(ordered_int(u)) + static_cast<std::uint64_t>(step)));
+}
+
+/// True when a and b have the same bits.
+template <typename Scalar>
+bool same_bits(Scalar a, Scalar b) {
+  return std::memcmp(&a, &b, sizeof a) == 0;
+}
+
+/// What unmerge needs to restore a weight exactly after `W += P Qᵀ`.
+template <typename Scalar>
+struct merge_record {
+  std::vector<std::string> adapters;            // merged together by one merge() call
+  matrix<Scalar> p;                             // stored_rows x R, scaling folded in
+  matrix<Scalar> q;                             // stored_cols x R
+  std::vector<std::int8_t> ulps;                // stored_rows * stored_cols, column-major
+  std::vector<std::pair<index, Scalar>> exact;  // (linear index, original value) where ulps cannot say
+
+  std::size_t bytes() const {
+    return sizeof(Scalar) * static_cast<std::size_t>(p.size() + q.size()) + ulps.size() +
+           exact.size() * sizeof(std::pair<index, Scalar>);
+  }
+};
+
+/// Columns of D = P Qᵀ handled at once.
+constexpr index merge_block_cols = 64;
+
+/// d = P Q(j0 : j0 + nb, :)ᵀ, in an order fixed by the shapes alone.
+template <typename Scalar>
+void delta_block(const matrix<Scalar>& p, const matrix<Scalar>& q, index j0, index nb, matrix<Scalar>& d) {
+  d.resize(p.rows(), nb);
+  d.noalias() = p.lazyProduct(q.middleRows(j0, nb).transpose());
+}
+
+/// True if every element of W + P Qᵀ is finite. Reads W only.
+template <typename Scalar, typename WeightMap>
+bool merge_is_finite(const WeightMap& w, const matrix<Scalar>& p, const matrix<Scalar>& q) {
+  matrix<Scalar> d;
+  for (index j0 = 0; j0 < w.cols(); j0 += merge_block_cols) {
+    const index nb = std::min(merge_block_cols, w.cols() - j0);
+    delta_block(p, q, j0, nb, d);
+    if (!(w.middleCols(j0, nb) + d).allFinite()) return false;
+  }
+  return true;
+}
+
+/// W += P Qᵀ, filling rec.ulps / rec.exact so that unmerge_exact restores W bit for bit.
+template <typename Scalar, typename WeightMap>
+void merge_exact(WeightMap& w, merge_record<Scalar>& rec) {
+  const index rows = w.rows();
+  rec.ulps.assign(static_cast<std::size_t>(rows * w.cols()), 0);
+  rec.exact.clear();
+  matrix<Scalar> d;
+  for (index j0 = 0; j0 < w.cols(); j0 += merge_block_cols) {
+    const index nb = std::min(merge_block_cols, w.cols() - j0);
+    delta_block(rec.p, rec.q, j0, nb, d);
+    for (index j = 0; j < nb; ++j) {
+      for (index i = 0; i < rows; ++i) {
+        const Scalar original = w(i, j0 + j);
+        const Scalar merged = original + d(i, j);
+        const Scalar back = merged - d(i, j);
+        // Wrapping subtraction (no UB for NaN payloads); a wrapped step fails the check below.
+        const auto step = static_cast<std::int64_t>(static_cast<std::uint64_t>(ordered_int(original)) -
+                                                    static_cast<std::uint64_t>(ordered_int(back)));
+        const index at = (j0 + j) * rows + i;
+        if (step >= -127 && step <= 127 && same_bits(step_ulps(back, step), original)) {
+          rec.ulps[static_cast<std::size_t>(at)] = static_cast<std::int8_t>(step);
+        } else {
+          rec.exact.emplace_back(at, original);
+        }
+        w(i, j0 + j) = merged;
+      }
+    }
+  }
+}
+
+/// Undoes merge_exact: W -= P Qᵀ, then corrects every element to its recorded original bits.
+template <typename Scalar, typename WeightMap>
+void unmerge_exact(WeightMap& w, const merge_record<Scalar>& rec) {
+  const index rows = w.rows();
+  matrix<Scalar> d;
+  for (index j0 = 0; j0 < w.cols(); j0 += merge_block_cols) {
+    const index nb = std::min(merge_block_cols, w.cols() - j0);
+    delta_block(rec.p, rec.q, j0, nb, d);
+    for (index j = 0; j < nb; ++j) {
+      for (index i = 0; i < rows; ++i) {
+        const Scalar back = w(i, j0 + j) - d(i, j);
+        const std::int64_t step = rec.ulps[static_cast<std::size_t>((j0 + j) * rows + i)];
+        w(i, j0 + j) = step_ulps(back, step);
+      }
+    }
+  }
+  for (const auto& [at, original] : rec.exact) w(at % rows, at / rows) = original;
+}
+
+}  // namespace lora::detail

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The tests, on a fresh Debian machine: installs what is missing, configures the release preset,
+# builds everything (library tests, examples, benchmarks) and runs the whole suite with ctest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+preset=${LORA_TEST_PRESET:-release}
+jobs=${LORA_JOBS:-$(nproc)}
+cmake --preset "$preset" >/dev/null
+cmake --build --preset "$preset" -j "$jobs"
+ctest --preset "$preset" -j "$jobs"

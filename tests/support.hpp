@@ -1,0 +1,86 @@
+// tests/support.hpp: shared helpers for the unit tests: the scalar types every typed suite runs
+// over, tolerances per scalar, and central finite differences (run gradient checks in double).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <Eigen/Core>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <lora/config.hpp>
+#include <string>
+
+namespace lora_test {
+
+/// The scalar types every typed suite runs over.
+using scalar_types = ::testing::Types<float, double>;
+
+/// Relative tolerance for comparing two computations of the same quantity in Scalar.
+template <typename Scalar>
+constexpr double tolerance() {
+  return std::is_same_v<Scalar, float> ? 2e-5 : 1e-12;
+}
+
+/// max |a - b| / max(1, max |b|): a scale-aware distance between two matrices.
+template <typename A, typename B>
+double rel_error(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
+  EXPECT_EQ(a.rows(), b.rows());
+  EXPECT_EQ(a.cols(), b.cols());
+  if (a.size() == 0) return 0.0;
+  const double diff = (a.template cast<double>() - b.template cast<double>()).cwiseAbs().maxCoeff();
+  const double scale = std::max(1.0, b.template cast<double>().cwiseAbs().maxCoeff());
+  return diff / scale;
+}
+
+/// Central finite differences of a scalar function of a matrix: d f / d p(i,j) approximated by
+/// (f(p + h e_ij) - f(p - h e_ij)) / 2h, restoring p afterwards. Error O(h^2); use in double.
+inline lora::matrix<double> numeric_gradient(lora::matrix<double>& p, const std::function<double()>& f,
+                                             double h = 1e-6) {
+  lora::matrix<double> g(p.rows(), p.cols());
+  for (lora::index j = 0; j < p.cols(); ++j) {
+    for (lora::index i = 0; i < p.rows(); ++i) {
+      const double saved = p(i, j);
+      p(i, j) = saved + h;
+      const double up = f();
+      p(i, j) = saved - h;
+      const double down = f();
+      p(i, j) = saved;
+      g(i, j) = (up - down) / (2 * h);
+    }
+  }
+  return g;
+}
+
+/// Same over a raw buffer (for parameters exposed through lora::parameter views).
+inline lora::matrix<double> numeric_gradient(double* data, lora::index rows, lora::index cols,
+                                             const std::function<double()>& f, double h = 1e-6) {
+  Eigen::Map<lora::matrix<double>> m(data, rows, cols);
+  lora::matrix<double> g(rows, cols);
+  for (lora::index k = 0; k < rows * cols; ++k) {
+    const double saved = data[k];
+    data[k] = saved + h;
+    const double up = f();
+    data[k] = saved - h;
+    const double down = f();
+    data[k] = saved;
+    g(k % rows, k / rows) = (up - down) / (2 * h);
+  }
+  return g;
+}
+
+/// Expects a callable to throw E whose what() contains every given fragment.
+template <typename E, typename F>
+void expect_error(F&& f, std::initializer_list<std::string> fragments) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an exception, none was thrown";
+  } catch (const E& e) {
+    const std::string what = e.what();
+    for (const auto& frag : fragments) {
+      EXPECT_NE(what.find(frag), std::string::npos) << "message '" << what << "' lacks '" << frag << "'";
+    }
+  }
+}
+
+}  // namespace lora_test
