@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job, on a fresh Debian machine: installs what is missing (Fashion-MNIST included), builds the
-# flagship fine-tuning program in release mode and runs it (pretrains a base MLP once, caches it under
-# .cache/, fine-tunes it on two shifted domains with LoRA, full and head-only fine-tuning, prints a table). Extra arguments go to the program
-# (try --help).
+# flagship fine-tuning program in release mode and runs it: pretrains a base MLP once (cached under
+# .cache/), fine-tunes it on two shifted domains with LoRA, full and head-only fine-tuning, and prints a
+# table. Extra arguments go to the program (try --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 preset=${LORA_TEST_PRESET:-release}
 jobs=${LORA_JOBS:-$(nproc)}
-cmake --preset "$preset" >/dev/null
+cmake --preset "$preset" -DLORA_BUILD_TESTS=ON -DLORA_BUILD_EXAMPLES=ON -DLORA_BUILD_BENCHMARKS=ON >/dev/null
 cmake --build --preset "$preset" -j "$jobs"
 ctest --preset "$preset" -j "$jobs"
