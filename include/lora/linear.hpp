@@ -103,6 +103,11 @@ class linear {
   /// The storage the layer reads: W (out x in) or, when weight_is_transposed(), Wᵀ (in x out).
   const_stored_map stored_weight() const { return const_stored_map(data(), m_rows, m_cols, Eigen::OuterStride<>(m_stride)); }
   bool weight_is_transposed() const noexcept { return m_transposed; }
+  /// Overwrites the frozen weight (out x in) in place, in the layer's storage (a view's memory too);
+  /// used by initialisations that move part of W into the adapter (PiSSA, OLoRA). state_error while any
+  /// adapter is merged, shape_error on a shape mismatch.
+  template <typename Derived>
+  void set_weight(const Eigen::MatrixBase<Derived>& w);
 
   // --- adapters ----------------------------------------------------------------------------------
 
@@ -322,6 +327,22 @@ template <typename Scalar>
 typename linear<Scalar>::matrix_type linear<Scalar>::weight() const {
   if (m_transposed) return stored_weight().transpose();
   return stored_weight();
+}
+
+template <typename Scalar>
+template <typename Derived>
+void linear<Scalar>::set_weight(const Eigen::MatrixBase<Derived>& w) {
+  check_same_scalar<Derived>();
+  if (merged()) throw state_error(where() + ": cannot replace the weight while adapters are merged; unmerge() first");
+  if (w.rows() != m_out || w.cols() != m_in)
+    throw shape_error(detail::cat(where(), ": new weight must be ", detail::shape_str(m_out, m_in), " (out x in), got ",
+                                  detail::shape_str(w.rows(), w.cols())));
+  if (m_transposed) {
+    stored() = w.transpose();
+  } else {
+    stored() = w;
+  }
+  invalidate_cache();
 }
 
 // ---------------------------------------------------------------------------------------------------
