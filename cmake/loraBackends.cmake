@@ -1,4 +1,5 @@
-# Optional back ends for our own programs: BLAS for Eigen's GEMMs and OpenMP threads.
+# Optional back ends for our own programs: BLAS for Eigen's GEMMs, OpenMP threads, -march=native.
+# None of them touches the lora interface target: consumers choose their own.
 # lora_target_backends(target) applies whichever is enabled.
 if(LORA_USE_BLAS)
   set(BLA_VENDOR OpenBLAS)
@@ -9,6 +10,9 @@ if(LORA_USE_OPENMP)
 endif()
 
 function(lora_target_backends target)
+  if(LORA_NATIVE AND NOT MSVC)
+    target_compile_options(${target} PRIVATE -march=native)
+  endif()
   if(LORA_USE_BLAS)
     target_compile_definitions(${target} PRIVATE EIGEN_USE_BLAS)
     target_link_libraries(${target} PRIVATE BLAS::BLAS)

@@ -6,6 +6,7 @@ set -euo pipefail
 lora_packages=(
   cmake g++ ninja-build pkg-config
   libeigen3-dev            # the only dependency of <lora/lora.hpp>
+  libopenblas-dev          # optional GEMM back end of our own programs (LORA_USE_BLAS, release preset)
   libgtest-dev googletest  # tests
   libbenchmark-dev         # benchmarks
   nlohmann-json3-dev       # <lora/io/...> (safetensors headers, PEFT configs)

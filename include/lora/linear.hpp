@@ -247,7 +247,8 @@ class linear {
   // Training state: the cached input and workspaces reused across steps.
   detail::input_cache<Scalar> m_x;
   bool m_has_cache = false;
-  matrix_type m_mask, m_xd, m_dh;
+  matrix_type m_mask, m_xd;
+  vector_type m_dh_buffer;  // dH (n x r) of each adapter in turn; grows to the largest n * r, then stays
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -579,20 +580,22 @@ void linear<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<m
       if (!a.m_in_cache) continue;
       const Scalar s = a.m_scaling;
       a.m_grad_b.noalias() += (s * dy.transpose()) * a.m_h;  // out x r
-      m_dh.noalias() = (s * dy) * a.m_b;                     // n x r
+      if (m_dh_buffer.size() < a.m_h.size()) m_dh_buffer.resize(a.m_h.size());
+      Eigen::Map<matrix_type> dh(m_dh_buffer.data(), a.m_h.rows(), a.m_h.cols());
+      dh.noalias() = (s * dy) * a.m_b;  // n x r
       if (a.m_masked) {
         rng replay;
         replay.set_state(a.m_mask_state);
         draw_mask(replay, a.m_config.dropout, x.rows());
         m_xd = x.cwiseProduct(m_mask);
-        a.m_grad_a.noalias() += m_dh.transpose() * m_xd;  // r x in
+        a.m_grad_a.noalias() += dh.transpose() * m_xd;  // r x in
         if (dx) {
-          m_xd.noalias() = m_dh * a.m_a;
+          m_xd.noalias() = dh * a.m_a;
           *dx += m_xd.cwiseProduct(m_mask);
         }
       } else {
-        a.m_grad_a.noalias() += m_dh.transpose() * x;
-        if (dx) dx->noalias() += m_dh * a.m_a;
+        a.m_grad_a.noalias() += dh.transpose() * x;
+        if (dx) dx->noalias() += dh * a.m_a;
       }
     }
   });
