@@ -25,7 +25,14 @@ struct fixture {
   mat w, x, dy, y, dx;
   lora::linear<float> layer;
   fixture(lora::index d_, lora::index n_, lora::index r_)
-      : d(d_), n(n_), r(r_), w(random(d, d, 1)), x(random(n, d, 2)), dy(random(n, d, 3)), y(n, d), dx(n, d),
+      : d(d_),
+        n(n_),
+        r(r_),
+        w(random(d, d, 1)),
+        x(random(n, d, 2)),
+        dy(random(n, d, 3)),
+        y(n, d),
+        dx(n, d),
         layer(lora::view, w, "bench") {
     lora::adapter_config c;
     c.rank = r;

@@ -67,8 +67,10 @@ void bm_step(benchmark::State& st) {
   torch::Tensor tx = torch::from_blob(const_cast<float*>(x.data()), {in, n}, opts).t().clone().requires_grad_(true);
   torch::Tensor tdy = torch::from_blob(const_cast<float*>(dy.data()), {out, n}, opts).t().clone();
   const auto& ad = layer.adapter("default");
-  torch::Tensor ta = torch::from_blob(const_cast<float*>(ad.a().data()), {in, r}, opts).t().clone().requires_grad_(true);
-  torch::Tensor tb = torch::from_blob(const_cast<float*>(ad.b().data()), {r, out}, opts).t().clone().requires_grad_(true);
+  torch::Tensor ta =
+      torch::from_blob(const_cast<float*>(ad.a().data()), {in, r}, opts).t().clone().requires_grad_(true);
+  torch::Tensor tb =
+      torch::from_blob(const_cast<float*>(ad.b().data()), {r, out}, opts).t().clone().requires_grad_(true);
   const double s = ad.scaling();
   auto torch_step = [&] {
     // PEFT's forward: base(x) + lora_B(lora_A(dropout(x))) * scaling.

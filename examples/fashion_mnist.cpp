@@ -11,6 +11,7 @@
 //     (parameters + gradients + Adam's two moments), peak RSS and seconds per epoch.
 //  5. The best adapter is saved (PEFT key names, safetensors), loaded into a fresh model, merged, and
 //     the merged model's accuracy is checked against the unmerged one.
+#include <sys/stat.h>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,7 +25,6 @@
 #include <memory>
 #include <sstream>
 #include <string>
-#include <sys/stat.h>
 #include <vector>
 
 #include "common/domains.hpp"
@@ -101,7 +101,8 @@ options parse_options(int argc, char** argv) {
   auto number = [&](const std::string& flag, const char* text, double lo) {
     char* end = nullptr;
     const double v = std::strtod(text, &end);
-    if (end == text || *end != '\0' || !(v >= lo)) fail(flag + " expects a number >= " + std::to_string(lo) + ", got '" + text + "'");
+    if (end == text || *end != '\0' || !(v >= lo))
+      fail(flag + " expects a number >= " + std::to_string(lo) + ", got '" + text + "'");
     return v;
   };
   for (int i = 1; i < argc; ++i) {
@@ -113,24 +114,40 @@ options parse_options(int argc, char** argv) {
     if (a == "--help" || a == "-h") {
       std::fputs(usage_text, stdout);
       std::exit(0);
-    } else if (a == "--data") o.data_dir = value();
-    else if (a == "--cache") o.cache_dir = value();
-    else if (a == "--retrain") o.retrain = true;
-    else if (a == "--pretrain-epochs") o.pretrain_epochs = static_cast<int>(number(a, value(), 1));
-    else if (a == "--epochs") o.epochs = static_cast<int>(number(a, value(), 1));
-    else if (a == "--samples") o.finetune_samples = static_cast<lora::index>(number(a, value(), 1));
-    else if (a == "--batch") o.batch = static_cast<lora::index>(number(a, value(), 1));
-    else if (a == "--lr-lora") o.lr_lora = number(a, value(), 0);
-    else if (a == "--lr-full") o.lr_full = number(a, value(), 0);
-    else if (a == "--alpha-over-rank") o.alpha_over_rank = number(a, value(), 0);
-    else if (a == "--seed") o.seed = static_cast<std::uint64_t>(number(a, value(), 0));
-    else if (a == "--json") o.json_path = value();
-    else if (a == "--adapter-out") o.adapter_out = value();
-    else if (a == "--quiet") o.quiet = true;
-    else if (a == "--full") o.ranks = {1, 2, 4, 8, 16, 32, 64};
+    } else if (a == "--data")
+      o.data_dir = value();
+    else if (a == "--cache")
+      o.cache_dir = value();
+    else if (a == "--retrain")
+      o.retrain = true;
+    else if (a == "--pretrain-epochs")
+      o.pretrain_epochs = static_cast<int>(number(a, value(), 1));
+    else if (a == "--epochs")
+      o.epochs = static_cast<int>(number(a, value(), 1));
+    else if (a == "--samples")
+      o.finetune_samples = static_cast<lora::index>(number(a, value(), 1));
+    else if (a == "--batch")
+      o.batch = static_cast<lora::index>(number(a, value(), 1));
+    else if (a == "--lr-lora")
+      o.lr_lora = number(a, value(), 0);
+    else if (a == "--lr-full")
+      o.lr_full = number(a, value(), 0);
+    else if (a == "--alpha-over-rank")
+      o.alpha_over_rank = number(a, value(), 0);
+    else if (a == "--seed")
+      o.seed = static_cast<std::uint64_t>(number(a, value(), 0));
+    else if (a == "--json")
+      o.json_path = value();
+    else if (a == "--adapter-out")
+      o.adapter_out = value();
+    else if (a == "--quiet")
+      o.quiet = true;
+    else if (a == "--full")
+      o.ranks = {1, 2, 4, 8, 16, 32, 64};
     else if (a == "--ranks") {
       o.ranks.clear();
-      for (const auto& r : split_commas(value())) o.ranks.push_back(static_cast<lora::index>(number("--ranks", r.c_str(), 1)));
+      for (const auto& r : split_commas(value()))
+        o.ranks.push_back(static_cast<lora::index>(number("--ranks", r.c_str(), 1)));
     } else if (a == "--domains") {
       o.domains = split_commas(value());
       for (const auto& d : o.domains)
@@ -223,9 +240,15 @@ class mlp {
       m_logits = m_lora[2]->forward(m_a2);
     } else {
       // Full: every layer caches its input. Head-only: the frozen body runs without caching.
-      if (m_method == method::full) m_fc[0].forward(x, m_z1); else m_fc[0].apply(x, m_z1);
+      if (m_method == method::full)
+        m_fc[0].forward(x, m_z1);
+      else
+        m_fc[0].apply(x, m_z1);
       ex::relu_forward(m_z1, m_a1);
-      if (m_method == method::full) m_fc[1].forward(m_a1, m_z2); else m_fc[1].apply(m_a1, m_z2);
+      if (m_method == method::full)
+        m_fc[1].forward(m_a1, m_z2);
+      else
+        m_fc[1].apply(m_a1, m_z2);
       ex::relu_forward(m_z2, m_a2);
       m_fc[2].forward(m_a2, m_logits);
     }
@@ -368,8 +391,8 @@ train_result train(mlp& model, const mat& x, const std::vector<int>& y, int epoc
   r.seconds_per_epoch = seconds / epochs;
   for (const auto& p : params) r.trainable_params += p.size();
   // Parameters + gradients + optimizer state (Adam: exp_avg and exp_avg_sq).
-  r.train_state_bytes = 2 * r.trainable_params * static_cast<std::int64_t>(sizeof(float)) +
-                        static_cast<std::int64_t>(opt.state_bytes());
+  r.train_state_bytes =
+      2 * r.trainable_params * static_cast<std::int64_t>(sizeof(float)) + static_cast<std::int64_t>(opt.state_bytes());
   return r;
 }
 
@@ -408,7 +431,8 @@ void write_json(const std::string& path, double base_accuracy, const std::map<st
     out << "  ]\n}\n";
     if (!out.flush()) throw lora::io_error("cannot write '" + tmp + "'");
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw lora::io_error("cannot rename '" + tmp + "' to '" + path + "'");
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw lora::io_error("cannot rename '" + tmp + "' to '" + path + "'");
 }
 
 void make_dirs(const std::string& path) {
@@ -425,8 +449,10 @@ void make_dirs(const std::string& path) {
 
 std::string human_bytes(std::int64_t b) {
   char buf[32];
-  if (b >= (1 << 20)) std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(b) / (1 << 20));
-  else std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / 1024);
+  if (b >= (1 << 20))
+    std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(b) / (1 << 20));
+  else
+    std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / 1024);
   return buf;
 }
 
@@ -501,12 +527,18 @@ int run(const options& o) {
       reset_peak_rss();
       const train_result tr = train(model, x_ft, y_ft, o.epochs, o.batch, p.m == method::lora ? o.lr_lora : o.lr_full,
                                     o.seed + 7, label, o.quiet);
-      run_record rec{dname, p.m, p.rank, model.accuracy(x_test, data.test_y), tr.trainable_params,
-                     tr.train_state_bytes, static_cast<std::int64_t>(ex::peak_rss_bytes()), tr.seconds_per_epoch};
+      run_record rec{dname,
+                     p.m,
+                     p.rank,
+                     model.accuracy(x_test, data.test_y),
+                     tr.trainable_params,
+                     tr.train_state_bytes,
+                     static_cast<std::int64_t>(ex::peak_rss_bytes()),
+                     tr.seconds_per_epoch};
       runs.push_back(rec);
       std::printf("  %-16s accuracy %.4f  trainable %8lld  train state %10s  %.2f s/epoch\n", label.c_str(),
-                  rec.accuracy, static_cast<long long>(rec.trainable_params), human_bytes(rec.train_state_bytes).c_str(),
-                  rec.seconds_per_epoch);
+                  rec.accuracy, static_cast<long long>(rec.trainable_params),
+                  human_bytes(rec.train_state_bytes).c_str(), rec.seconds_per_epoch);
       if (p.m == method::lora && rec.accuracy > best.accuracy) {
         best.accuracy = rec.accuracy;
         best.rank = p.rank;

@@ -33,7 +33,7 @@ TYPED_TEST(linear_forward, matches_dense_formula) {
   layer.set_active({"one", "two"});
   const auto& a1 = layer.adapter("one");
   const auto& a2 = layer.adapter("two");
-  EXPECT_EQ(a1.scaling(), S(2));                     // alpha / r
+  EXPECT_EQ(a1.scaling(), S(2));                                  // alpha / r
   EXPECT_NEAR(double(a2.scaling()), 4.0 / std::sqrt(2.0), 1e-6);  // rsLoRA: alpha / sqrt(r)
 
   const lora::matrix<double> expected =
@@ -49,15 +49,14 @@ TYPED_TEST(linear_forward, matches_dense_formula) {
   // Only "one" active.
   layer.set_active({"one"});
   const lora::matrix<double> expected_one =
-      (x.template cast<double>() * (w + a1.scaling() * a1.b() * a1.a()).template cast<double>().transpose())
-          .rowwise() +
+      (x.template cast<double>() * (w + a1.scaling() * a1.b() * a1.a()).template cast<double>().transpose()).rowwise() +
       b.template cast<double>().transpose();
   EXPECT_LT(lora_test::rel_error(layer.infer(x), expected_one), lora_test::tolerance<S>());
 
   // Disabled: the base layer alone.
   layer.disable_adapters();
-  const lora::matrix<double> base = (x * w.transpose()).template cast<double>().rowwise() +
-                                    b.template cast<double>().transpose();
+  const lora::matrix<double> base =
+      (x * w.transpose()).template cast<double>().rowwise() + b.template cast<double>().transpose();
   EXPECT_LT(lora_test::rel_error(layer.forward(x), base), lora_test::tolerance<S>());
   layer.enable_adapters();
   EXPECT_LT(lora_test::rel_error(layer.infer(x), expected_one), lora_test::tolerance<S>());

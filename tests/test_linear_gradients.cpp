@@ -30,8 +30,8 @@ TEST_P(linear_gradients, match_finite_differences) {
   const mat w = rnd(c.out, c.in);
   mat x = rnd(c.n, c.in);
   const mat g = rnd(c.n, c.out);
-  lora::linear<double> layer = c.bias ? lora::linear<double>(w, rnd(c.out, 1).col(0), "probe")
-                                      : lora::linear<double>(w, "probe");
+  lora::linear<double> layer =
+      c.bias ? lora::linear<double>(w, rnd(c.out, 1).col(0), "probe") : lora::linear<double>(w, "probe");
   std::vector<std::string> names;
   for (std::size_t i = 0; i < c.ranks.size(); ++i) {
     lora::adapter_config cfg;
@@ -71,15 +71,14 @@ TEST_P(linear_gradients, match_finite_differences) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    shapes, linear_gradients,
-    ::testing::Values(case_spec{5, 4, 3, {2}, false, 0.0, "non-square, no bias"},
-                      case_spec{5, 4, 3, {2}, true, 0.0, "with bias"},
-                      case_spec{3, 6, 7, {1}, true, 0.0, "rank 1"},
-                      case_spec{4, 3, 5, {8}, false, 0.0, "rank above min(in, out)"},
-                      case_spec{6, 5, 4, {1, 3, 2}, true, 0.0, "three active adapters"},
-                      case_spec{6, 5, 4, {2, 3}, true, 0.3, "dropout on two adapters"},
-                      case_spec{1, 9, 2, {4}, true, 0.0, "single row"}));
+INSTANTIATE_TEST_SUITE_P(shapes, linear_gradients,
+                         ::testing::Values(case_spec{5, 4, 3, {2}, false, 0.0, "non-square, no bias"},
+                                           case_spec{5, 4, 3, {2}, true, 0.0, "with bias"},
+                                           case_spec{3, 6, 7, {1}, true, 0.0, "rank 1"},
+                                           case_spec{4, 3, 5, {8}, false, 0.0, "rank above min(in, out)"},
+                                           case_spec{6, 5, 4, {1, 3, 2}, true, 0.0, "three active adapters"},
+                                           case_spec{6, 5, 4, {2, 3}, true, 0.3, "dropout on two adapters"},
+                                           case_spec{1, 9, 2, {4}, true, 0.0, "single row"}));
 
 // The same gradients when W is viewed in the other storage orders and layouts.
 TEST(linear_gradients_layouts, views_agree_with_owned) {
@@ -99,7 +98,7 @@ TEST(linear_gradients_layouts, views_agree_with_owned) {
   const mat db_ref = owned.adapter("a").grad_b();
 
   Eigen::Matrix<double, -1, -1, Eigen::RowMajor> w_rm = w;
-  mat w_t = w.transpose();                                   // in x out, column-major
+  mat w_t = w.transpose();                                                // in x out, column-major
   Eigen::Matrix<double, -1, -1, Eigen::RowMajor> w_t_rm = w.transpose();  // in x out, row-major
   std::vector<lora::linear<double>> layers;
   layers.emplace_back(lora::view, w_rm, "row-major");

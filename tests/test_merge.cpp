@@ -55,9 +55,10 @@ TYPED_TEST(merge, merged_forward_equals_unmerged) {
   // Independent computation of W + Σ s B A.
   const auto& a = layer.adapter("a");
   const auto& b = layer.adapter("b");
-  const lora::matrix<double> expected = w.template cast<double>() +
-                                        double(a.scaling()) * (a.b().template cast<double>() * a.a().template cast<double>()) +
-                                        double(b.scaling()) * (b.b().template cast<double>() * b.a().template cast<double>());
+  const lora::matrix<double> expected =
+      w.template cast<double>() +
+      double(a.scaling()) * (a.b().template cast<double>() * a.a().template cast<double>()) +
+      double(b.scaling()) * (b.b().template cast<double>() * b.a().template cast<double>());
   EXPECT_LT(lora_test::rel_error(layer.weight(), expected), 10 * lora_test::tolerance<S>());
   layer.unmerge();
   EXPECT_TRUE(bitwise_equal(layer.weight(), w));

@@ -25,12 +25,12 @@ enum class init_method {
 
 /// Hyper-parameters of one adapter. Defaults are PEFT's LoraConfig defaults (r = 8, lora_alpha = 8).
 struct adapter_config {
-  index rank = 8;                           ///< r >= 1; may exceed min(in, out).
-  double alpha = 8.0;                       ///< lora_alpha > 0.
-  double dropout = 0.0;                     ///< Adapter-input dropout probability, in [0, 1).
-  bool use_rslora = false;                  ///< s = alpha / sqrt(r) instead of alpha / r.
+  index rank = 8;           ///< r >= 1; may exceed min(in, out).
+  double alpha = 8.0;       ///< lora_alpha > 0.
+  double dropout = 0.0;     ///< Adapter-input dropout probability, in [0, 1).
+  bool use_rslora = false;  ///< s = alpha / sqrt(r) instead of alpha / r.
   init_method init = init_method::peft_default;
-  std::uint64_t seed = 0;                   ///< Seeds the initialisation and the dropout stream.
+  std::uint64_t seed = 0;  ///< Seeds the initialisation and the dropout stream.
 };
 
 /// s = alpha / r, or alpha / sqrt(r) with rsLoRA.
@@ -95,8 +95,8 @@ class adapter {
   rng m_dropout_rng;
   rng::state_type m_mask_state{};  // dropout stream state when the cached mask was drawn
   bool m_merged = false;
-  bool m_in_cache = false;         // took part in the cached forward
-  bool m_masked = false;           // the cached forward applied a dropout mask
+  bool m_in_cache = false;  // took part in the cached forward
+  bool m_masked = false;    // the cached forward applied a dropout mask
 };
 
 // ---------------------------------------------------------------------------------------------------

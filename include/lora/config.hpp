@@ -17,12 +17,12 @@
 // is defined or NDEBUG is not; users may define their own LORA_ASSERT before including any lora header.
 #ifndef LORA_ASSERT
 #if defined(LORA_ENABLE_ASSERTS) || !defined(NDEBUG)
-#define LORA_ASSERT(cond)                                                                             \
-  do {                                                                                                \
-    if (!(cond)) {                                                                                    \
-      std::fprintf(stderr, "%s:%d: LORA_ASSERT(%s) failed\n", __FILE__, __LINE__, #cond);             \
-      std::abort();                                                                                   \
-    }                                                                                                 \
+#define LORA_ASSERT(cond)                                                                 \
+  do {                                                                                    \
+    if (!(cond)) {                                                                        \
+      std::fprintf(stderr, "%s:%d: LORA_ASSERT(%s) failed\n", __FILE__, __LINE__, #cond); \
+      std::abort();                                                                       \
+    }                                                                                     \
   } while (false)
 #else
 #define LORA_ASSERT(cond) ((void)0)

@@ -24,10 +24,10 @@ class error : public std::runtime_error {
   std::string m_kind;
 };
 
-#define LORA_DEFINE_ERROR(name)                                              \
-  class name : public error {                                                \
-   public:                                                                   \
-    explicit name(const std::string& message) : error(#name, message) {}     \
+#define LORA_DEFINE_ERROR(name)                                          \
+  class name : public error {                                            \
+   public:                                                               \
+    explicit name(const std::string& message) : error(#name, message) {} \
   }
 
 /// Operand shapes do not agree with the layer or with each other.

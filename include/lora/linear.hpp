@@ -101,7 +101,9 @@ class linear {
   /// The frozen weight (including merged adapters) as a fresh out x in matrix.
   matrix_type weight() const;
   /// The storage the layer reads: W (out x in) or, when weight_is_transposed(), Wᵀ (in x out).
-  const_stored_map stored_weight() const { return const_stored_map(data(), m_rows, m_cols, Eigen::OuterStride<>(m_stride)); }
+  const_stored_map stored_weight() const {
+    return const_stored_map(data(), m_rows, m_cols, Eigen::OuterStride<>(m_stride));
+  }
   bool weight_is_transposed() const noexcept { return m_transposed; }
   /// Overwrites the frozen weight (out x in) in place, in the layer's storage (a view's memory too);
   /// used by initialisations that move part of W into the adapter (PiSSA, OLoRA). state_error while any
@@ -227,7 +229,8 @@ class linear {
   void draw_mask(rng& gen, double p, index n);
   void run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<matrix_type>* dx);
   /// The inference forward once X is viewed.
-  void run_infer(const detail::input_cache<Scalar>& x, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const;
+  void run_infer(const detail::input_cache<Scalar>& x, Eigen::Ref<matrix_type> y,
+                 inference_workspace<Scalar>& ws) const;
 
   std::string m_name;
   index m_in = 0, m_out = 0;
@@ -310,8 +313,8 @@ linear<Scalar>::linear(view_t, Eigen::Ref<row_major_matrix, 0, Eigen::OuterStrid
   m_out = m_transposed ? m_cols : m_rows;
   m_in = m_transposed ? m_rows : m_cols;
   if (m_in == 0 || m_out == 0)
-    throw shape_error(detail::cat(where(), ": weight must be non-empty, got ",
-                                  detail::shape_str(weight.rows(), weight.cols())));
+    throw shape_error(
+        detail::cat(where(), ": weight must be non-empty, got ", detail::shape_str(weight.rows(), weight.cols())));
 }
 
 template <typename Scalar>
@@ -385,8 +388,8 @@ const typename linear<Scalar>::adapter_type& linear<Scalar>::adapter(const std::
   if (const adapter_type* a = find(name)) return *a;
   std::string known;
   for (const auto& a : m_adapters) known += (known.empty() ? "'" : ", '") + a.m_name + "'";
-  throw name_error(detail::cat(where(), ": no adapter named '", name, "' (adapters: ",
-                               known.empty() ? "none" : known, ")"));
+  throw name_error(
+      detail::cat(where(), ": no adapter named '", name, "' (adapters: ", known.empty() ? "none" : known, ")"));
 }
 
 template <typename Scalar>
@@ -619,10 +622,18 @@ parameter_list<Scalar> linear<Scalar>::parameters(const std::string& adapter_nam
   if (a.m_merged)
     throw state_error(detail::cat(where(), ": adapter '", adapter_name,
                                   "' is merged into the weight and cannot be trained; unmerge() first"));
-  parameter<Scalar> pa{m_name + ".lora_A." + a.m_name + ".weight", param_role::lora_a, a.m_a.data(),
-                       a.m_grad_a.data(), a.m_a.rows(), a.m_a.cols()};
-  parameter<Scalar> pb{m_name + ".lora_B." + a.m_name + ".weight", param_role::lora_b, a.m_b.data(),
-                       a.m_grad_b.data(), a.m_b.rows(), a.m_b.cols()};
+  parameter<Scalar> pa{m_name + ".lora_A." + a.m_name + ".weight",
+                       param_role::lora_a,
+                       a.m_a.data(),
+                       a.m_grad_a.data(),
+                       a.m_a.rows(),
+                       a.m_a.cols()};
+  parameter<Scalar> pb{m_name + ".lora_B." + a.m_name + ".weight",
+                       param_role::lora_b,
+                       a.m_b.data(),
+                       a.m_grad_b.data(),
+                       a.m_b.rows(),
+                       a.m_b.cols()};
   return {pa, pb};
 }
 

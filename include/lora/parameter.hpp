@@ -23,10 +23,14 @@ enum class param_role {
 /// Human-readable role name.
 inline const char* to_string(param_role role) {
   switch (role) {
-    case param_role::lora_a: return "lora_a";
-    case param_role::lora_b: return "lora_b";
-    case param_role::vector: return "vector";
-    case param_role::dense: return "dense";
+    case param_role::lora_a:
+      return "lora_a";
+    case param_role::lora_b:
+      return "lora_b";
+    case param_role::vector:
+      return "vector";
+    case param_role::dense:
+      return "dense";
   }
   return "unknown";
 }

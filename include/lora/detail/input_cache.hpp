@@ -51,8 +51,8 @@ template <typename Scalar>
 template <typename Derived>
 void input_cache<Scalar>::bind(const Eigen::MatrixBase<Derived>& x) {
   using D = Derived;
-  constexpr bool direct = (int(Eigen::internal::traits<D>::Flags) & Eigen::DirectAccessBit) != 0 &&
-                          int(D::InnerStrideAtCompileTime) == 1;
+  constexpr bool direct =
+      (int(Eigen::internal::traits<D>::Flags) & Eigen::DirectAccessBit) != 0 && int(D::InnerStrideAtCompileTime) == 1;
   m_rows = x.rows();
   m_cols = x.cols();
   m_valid = true;
