@@ -29,6 +29,7 @@ struct adapter_config {
   double alpha = 8.0;       ///< lora_alpha > 0.
   double dropout = 0.0;     ///< Adapter-input dropout probability, in [0, 1).
   bool use_rslora = false;  ///< s = alpha / sqrt(r) instead of alpha / r.
+  bool use_dora = false;    ///< DoRA: a trainable magnitude per output row (see linear.hpp).
   init_method init = init_method::peft_default;
   std::uint64_t seed = 0;  ///< Seeds the initialisation and the dropout stream.
 };
@@ -67,6 +68,12 @@ class adapter {
   matrix_type& grad_b() noexcept { return m_grad_b; }
   const matrix_type& grad_a() const noexcept { return m_grad_a; }
   const matrix_type& grad_b() const noexcept { return m_grad_b; }
+  /// DoRA magnitude m (length out) and its gradient; empty unless config().use_dora.
+  vector<Scalar>& magnitude() noexcept { return m_magnitude; }
+  const vector<Scalar>& magnitude() const noexcept { return m_magnitude; }
+  vector<Scalar>& grad_magnitude() noexcept { return m_grad_magnitude; }
+  const vector<Scalar>& grad_magnitude() const noexcept { return m_grad_magnitude; }
+  bool is_dora() const noexcept { return m_config.use_dora; }
 
   /// The dropout stream; its state belongs in checkpoints for bit-identical resumption.
   rng& dropout_rng() noexcept { return m_dropout_rng; }
@@ -81,6 +88,7 @@ class adapter {
   void zero_grad() {
     m_grad_a.setZero();
     m_grad_b.setZero();
+    m_grad_magnitude.setZero();
   }
 
  private:
@@ -89,9 +97,11 @@ class adapter {
   std::string m_name;
   adapter_config m_config;
   Scalar m_scaling;
-  matrix_type m_a, m_b;            // r x in, out x r
-  matrix_type m_grad_a, m_grad_b;  // same shapes
-  matrix_type m_h;                 // n x r cache: drop(X) Aᵀ from the last training forward
+  matrix_type m_a, m_b;                          // r x in, out x r
+  matrix_type m_grad_a, m_grad_b;                // same shapes
+  vector<Scalar> m_magnitude, m_grad_magnitude;  // DoRA: out
+  vector<Scalar> m_dora_norm;  // DoRA: ‖W + s B A‖ per output row, from the cached forward (a constant)
+  matrix_type m_h;             // n x r cache: drop(X) Aᵀ from the last training forward
   rng m_dropout_rng;
   rng::state_type m_mask_state{};  // dropout stream state when the cached mask was drawn
   bool m_merged = false;

@@ -12,6 +12,14 @@
 //   dX    = dY W + Σ_a mask_a ⊙ (dH_a A_a)  (n x in)
 // W is frozen: dW is never computed.
 //
+// DoRA (use_dora), as PEFT implements it, with the norm treated as a constant in backward (DoRA paper
+// §4.3): with n_a = ‖W + s_a B_a A_a‖ per output row and g_a = m_a / n_a,
+//   Y = (X Wᵀ) ⊙ c + b + Σ_{DoRA a} g_a ⊙ s_a H_a B_aᵀ + Σ_{plain a} s_a H_a B_aᵀ,   c = 1 + Σ_{DoRA a} (g_a - 1)
+//   dm_a = (Σ_i dY ⊙ X Wᵀ + s_a rowsum(B_a ⊙ dYᵀ H_a)) / n_a,  dB_a += s_a diag(g_a) dYᵀ H_a,
+//   dH_a = s_a dY diag(g_a) B_a,  dX = (dY ⊙ c) W + Σ_a dH_a A_a.
+// n_a is computed without forming B A: ‖W_o‖² + 2 s B_o·(W Aᵀ)_o + s² B_o (A Aᵀ) B_oᵀ. The forward caches
+// X Wᵀ (n x out) besides H when a DoRA adapter takes part.
+//
 // The weight is owned (a copy) or viewed (the user's memory, row- or column-major, or stored in x out as
 // GPT-2's Conv1D does, `fan_in_fan_out`). Either way it is read through one column-major map that holds
 // W (out x in) or Wᵀ (in x out); a row-major W is the same memory as a column-major Wᵀ, so nothing is
@@ -220,6 +228,13 @@ class linear {
   /// Y = X Wᵀ (+ b), whichever way W is stored.
   template <typename X, typename Y>
   void base_forward(const X& x, Y& y) const;
+  /// P = X Wᵀ without the bias.
+  template <typename X, typename Y>
+  void base_product(const X& x, Y& y) const;
+  /// DoRA: ‖W + s B A‖ per output row (length out), without forming B A.
+  vector_type dora_norm(const adapter_type& a) const;
+  /// True when a participating adapter uses DoRA.
+  bool dora_participates() const;
   /// dX = dY W, whichever way W is stored.
   template <typename DY, typename DX>
   void base_backward(const DY& dy, DX& dx) const;
@@ -251,7 +266,12 @@ class linear {
   detail::input_cache<Scalar> m_x;
   bool m_has_cache = false;
   matrix_type m_mask, m_xd;
-  vector_type m_dh_buffer;  // dH (n x r) of each adapter in turn; grows to the largest n * r, then stays
+  bool m_cached_dora = false;  // the cached forward ran the DoRA path
+  matrix_type m_base;          // DoRA: X Wᵀ (n x out) from the cached forward
+  vector_type m_base_scale;    // DoRA: c = 1 + Σ (g_a - 1), length out
+  matrix_type m_dyc;           // DoRA: dY ⊙ c
+  matrix_type m_g_b, m_dyt_h;  // DoRA: diag(g) B and dYᵀ H (out x r)
+  vector_type m_dh_buffer;     // dH (n x r) of each adapter in turn; grows to the largest n * r, then stays
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -399,6 +419,12 @@ typename linear<Scalar>::adapter_type& linear<Scalar>::add_adapter(const std::st
   if (find(name)) throw name_error(detail::cat(where(), ": an adapter named '", name, "' already exists"));
   validate(config, where() + " adapter '" + name + "'");
   m_adapters.emplace_back(name, config, m_in, m_out);
+  adapter_type& added = m_adapters.back();
+  if (config.use_dora) {
+    // PEFT: the magnitude starts at ‖W + s B A‖, so the adapted layer starts equal to W + s B A.
+    added.m_magnitude = dora_norm(added);
+    added.m_grad_magnitude = vector_type::Zero(m_out);
+  }
   if (m_active.empty() && m_adapters.size() == 1) m_active.push_back(name);
   invalidate_cache();
   return m_adapters.back();
@@ -457,13 +483,45 @@ void linear<Scalar>::check_input(index rows, index cols, const char* what) const
 
 template <typename Scalar>
 template <typename X, typename Y>
-void linear<Scalar>::base_forward(const X& x, Y& y) const {
+void linear<Scalar>::base_product(const X& x, Y& y) const {
   if (m_transposed) {
     y.noalias() = x * stored_weight();  // stored Wᵀ is in x out
   } else {
     y.noalias() = x * stored_weight().transpose();
   }
+}
+
+template <typename Scalar>
+template <typename X, typename Y>
+void linear<Scalar>::base_forward(const X& x, Y& y) const {
+  base_product(x, y);
   if (has_bias()) y.rowwise() += m_bias.transpose();
+}
+
+template <typename Scalar>
+typename linear<Scalar>::vector_type linear<Scalar>::dora_norm(const adapter_type& a) const {
+  const Scalar s = a.m_scaling;
+  matrix_type w_at;  // W Aᵀ: out x r
+  vector_type w_sq;  // ‖W_o‖²
+  if (m_transposed) {
+    w_at.noalias() = stored_weight().transpose() * a.m_a.transpose();
+    w_sq = stored_weight().colwise().squaredNorm().transpose();
+  } else {
+    w_at.noalias() = stored_weight() * a.m_a.transpose();
+    w_sq = stored_weight().rowwise().squaredNorm();
+  }
+  const matrix_type a_at = a.m_a * a.m_a.transpose();  // r x r
+  const matrix_type b_aat = a.m_b * a_at;              // out x r
+  const vector_type sq =
+      w_sq + (2 * s) * a.m_b.cwiseProduct(w_at).rowwise().sum() + (s * s) * b_aat.cwiseProduct(a.m_b).rowwise().sum();
+  return sq.cwiseMax(Scalar(0)).cwiseSqrt();
+}
+
+template <typename Scalar>
+bool linear<Scalar>::dora_participates() const {
+  for (const auto& a : m_adapters)
+    if (a.is_dora() && participates(a)) return true;
+  return false;
 }
 
 template <typename Scalar>
@@ -518,8 +576,22 @@ void linear<Scalar>::draw_mask(rng& gen, double p, index n) {
 
 template <typename Scalar>
 void linear<Scalar>::run_forward(Eigen::Ref<matrix_type> y) {
+  m_cached_dora = dora_participates();
   m_x.visit([&](const auto& x) {
-    base_forward(x, y);
+    if (m_cached_dora) {
+      // Y = (X Wᵀ) ⊙ c + b with c = 1 + Σ (g_a - 1); X Wᵀ is kept for dm.
+      base_product(x, m_base);
+      m_base_scale.setOnes(m_out);
+      for (auto& a : m_adapters) {
+        if (!a.is_dora() || !participates(a)) continue;
+        a.m_dora_norm = dora_norm(a);
+        m_base_scale += a.m_magnitude.cwiseQuotient(a.m_dora_norm) - vector_type::Ones(m_out);
+      }
+      y.noalias() = m_base * m_base_scale.asDiagonal();
+      if (has_bias()) y.rowwise() += m_bias.transpose();
+    } else {
+      base_forward(x, y);
+    }
     for (auto& a : m_adapters) {
       a.m_in_cache = false;
       if (!participates(a)) continue;
@@ -534,7 +606,12 @@ void linear<Scalar>::run_forward(Eigen::Ref<matrix_type> y) {
         a.m_h.noalias() = x * a.m_a.transpose();
       }
       a.m_masked = p > 0.0;
-      y.noalias() += (a.m_scaling * a.m_h) * a.m_b.transpose();
+      if (a.is_dora()) {
+        m_g_b.noalias() = a.m_magnitude.cwiseQuotient(a.m_dora_norm).asDiagonal() * a.m_b;  // diag(g) B
+        y.noalias() += (a.m_scaling * a.m_h) * m_g_b.transpose();
+      } else {
+        y.noalias() += (a.m_scaling * a.m_h) * a.m_b.transpose();
+      }
       a.m_in_cache = true;
     }
   });
@@ -578,14 +655,31 @@ void linear<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<m
     throw shape_error(detail::cat(where(), ": dY must be ", detail::shape_str(m_x.rows(), m_out),
                                   " (the forward's n x out_features), got ", detail::shape_str(dy.rows(), dy.cols())));
   m_x.visit([&](const auto& x) {
-    if (dx) base_backward(dy, *dx);
+    vector_type dy_dot_base;  // DoRA: Σ_i dY ⊙ X Wᵀ, length out
+    if (m_cached_dora) {
+      m_dyc.noalias() = dy * m_base_scale.asDiagonal();
+      if (dx) base_backward(m_dyc, *dx);
+      dy_dot_base = dy.cwiseProduct(m_base).colwise().sum().transpose();
+    } else if (dx) {
+      base_backward(dy, *dx);
+    }
     for (auto& a : m_adapters) {
       if (!a.m_in_cache) continue;
       const Scalar s = a.m_scaling;
-      a.m_grad_b.noalias() += (s * dy.transpose()) * a.m_h;  // out x r
       if (m_dh_buffer.size() < a.m_h.size()) m_dh_buffer.resize(a.m_h.size());
       Eigen::Map<matrix_type> dh(m_dh_buffer.data(), a.m_h.rows(), a.m_h.cols());
-      dh.noalias() = (s * dy) * a.m_b;  // n x r
+      if (a.is_dora()) {
+        const vector_type g = a.m_magnitude.cwiseQuotient(a.m_dora_norm);
+        m_dyt_h.noalias() = dy.transpose() * a.m_h;              // out x r
+        a.m_grad_b.noalias() += s * (g.asDiagonal() * m_dyt_h);  // out x r
+        a.m_grad_magnitude +=
+            (dy_dot_base + s * a.m_b.cwiseProduct(m_dyt_h).rowwise().sum()).cwiseQuotient(a.m_dora_norm);  // out
+        m_g_b.noalias() = g.asDiagonal() * a.m_b;
+        dh.noalias() = (s * dy) * m_g_b;  // n x r
+      } else {
+        a.m_grad_b.noalias() += (s * dy.transpose()) * a.m_h;  // out x r
+        dh.noalias() = (s * dy) * a.m_b;                       // n x r
+      }
       if (a.m_masked) {
         rng replay;
         replay.set_state(a.m_mask_state);
@@ -634,7 +728,14 @@ parameter_list<Scalar> linear<Scalar>::parameters(const std::string& adapter_nam
                        a.m_grad_b.data(),
                        a.m_b.rows(),
                        a.m_b.cols()};
-  return {pa, pb};
+  if (!a.is_dora()) return {pa, pb};
+  parameter<Scalar> pm{m_name + ".lora_magnitude_vector." + a.m_name,
+                       param_role::vector,
+                       a.m_magnitude.data(),
+                       a.m_grad_magnitude.data(),
+                       m_out,
+                       1};
+  return {pa, pb, pm};
 }
 
 template <typename Scalar>
@@ -663,14 +764,34 @@ template <typename Scalar>
 void linear<Scalar>::run_infer(const detail::input_cache<Scalar>& view, Eigen::Ref<matrix_type> y,
                                inference_workspace<Scalar>& ws) const {
   view.visit([&](const auto& x) {
-    base_forward(x, y);
+    const bool dora = dora_participates();
+    std::vector<vector_type> gains;  // DoRA only (this path allocates): g_a per DoRA adapter
+    if (dora) {
+      base_product(x, y);
+      vector_type c = vector_type::Ones(m_out);
+      for (const auto& a : m_adapters) {
+        if (!a.is_dora() || !participates(a)) continue;
+        gains.push_back(a.m_magnitude.cwiseQuotient(dora_norm(a)));
+        c += gains.back() - vector_type::Ones(m_out);
+      }
+      y = y * c.asDiagonal();
+      if (has_bias()) y.rowwise() += m_bias.transpose();
+    } else {
+      base_forward(x, y);
+    }
+    std::size_t next_gain = 0;
     for (const auto& a : m_adapters) {
       if (!participates(a)) continue;
       const auto need = static_cast<std::size_t>(x.rows() * a.rank());
       if (ws.buffer.size() < need) ws.buffer.resize(need);
       Eigen::Map<matrix_type> h(ws.buffer.data(), x.rows(), a.rank());
       h.noalias() = x * a.m_a.transpose();
-      y.noalias() += (a.m_scaling * h) * a.m_b.transpose();
+      if (a.is_dora()) {
+        const matrix_type g_b = gains[next_gain++].asDiagonal() * a.m_b;
+        y.noalias() += (a.m_scaling * h) * g_b.transpose();
+      } else {
+        y.noalias() += (a.m_scaling * h) * a.m_b.transpose();
+      }
     }
   });
 }
@@ -704,37 +825,62 @@ void linear<Scalar>::merge(const std::vector<std::string>& names, bool safe) {
   }
   if (chosen.empty()) return;
 
+  // DoRA rescales rows by m / ‖W + s B A‖, which depends on W: such an adapter merges alone, before any
+  // other merge, in a record of its own; the plain adapters follow in one more record.
+  std::vector<std::string> dora, plain;
+  for (const auto& n : chosen) (find(n)->is_dora() ? dora : plain).push_back(n);
+  if (dora.size() > 1)
+    throw state_error(detail::cat(where(), ": merge DoRA adapters one at a time ('", dora[0], "' and '", dora[1],
+                                  "' were given together)"));
+  if (!dora.empty() && !m_records.empty())
+    throw state_error(detail::cat(where(), ": DoRA adapter '", dora[0],
+                                  "' must be merged before any other adapter (its norm is taken of the unmerged W); "
+                                  "unmerge() first"));
+
   // Stack the factors as in PEFT's "cat" combination: Σ s_a B_a A_a = [s_1 B_1 | s_2 B_2 ...][A_1; A_2 ...].
   // For a stored W (out x in) the record holds P = [s B] (out x R), Q = [Aᵀ] (in x R); for a stored Wᵀ the
   // roles swap, so that the stored matrix always receives P Qᵀ.
-  index total_rank = 0;
-  for (const auto& n : chosen) total_rank += find(n)->rank();
-  detail::merge_record<Scalar> rec;
-  rec.adapters = chosen;
-  matrix_type sb(m_out, total_rank), at(m_in, total_rank);
-  index col = 0;
-  for (const auto& n : chosen) {
-    const adapter_type& a = *find(n);
-    sb.middleCols(col, a.rank()) = a.m_scaling * a.m_b;
-    at.middleCols(col, a.rank()) = a.m_a.transpose();
-    col += a.rank();
-  }
-  rec.p = m_transposed ? std::move(at) : std::move(sb);
-  rec.q = m_transposed ? std::move(sb) : std::move(at);
+  auto make_record = [&](const std::vector<std::string>& group) {
+    index total_rank = 0;
+    for (const auto& n : group) total_rank += find(n)->rank();
+    detail::merge_record<Scalar> rec;
+    rec.adapters = group;
+    matrix_type sb(m_out, total_rank), at(m_in, total_rank);
+    index col = 0;
+    for (const auto& n : group) {
+      const adapter_type& a = *find(n);
+      sb.middleCols(col, a.rank()) = a.m_scaling * a.m_b;
+      at.middleCols(col, a.rank()) = a.m_a.transpose();
+      col += a.rank();
+      if (a.is_dora()) {
+        rec.scale = a.m_magnitude.cwiseQuotient(dora_norm(a));  // g = m / ‖W + s B A‖
+        rec.scale_columns = m_transposed;
+      }
+    }
+    rec.p = m_transposed ? std::move(at) : std::move(sb);
+    rec.q = m_transposed ? std::move(sb) : std::move(at);
+    return rec;
+  };
+  std::vector<detail::merge_record<Scalar>> records;
+  if (!dora.empty()) records.push_back(make_record(dora));
+  if (!plain.empty()) records.push_back(make_record(plain));
 
   stored_map w = stored();
-  if (safe && !detail::merge_is_finite(w, rec.p, rec.q)) {
-    std::string list;
-    for (const auto& n : chosen) list += (list.empty() ? "'" : ", '") + n + "'";
-    throw numeric_error(detail::cat(where(), ": merging adapter(s) ", list,
-                                    " would put non-finite values in the weight; the weight is unchanged"));
+  for (std::size_t k = 0; k < records.size(); ++k) {
+    if (safe && !detail::merge_is_finite(w, records[k])) {
+      for (std::size_t undo = k; undo-- > 0;) detail::unmerge_exact(w, records[undo]);  // W back, bit for bit
+      std::string list;
+      for (const auto& n : chosen) list += (list.empty() ? "'" : ", '") + n + "'";
+      throw numeric_error(detail::cat(where(), ": merging adapter(s) ", list,
+                                      " would put non-finite values in the weight; the weight is unchanged"));
+    }
+    detail::merge_exact(w, records[k]);
   }
-  detail::merge_exact(w, rec);
   for (const auto& n : chosen) {
     find(n)->m_merged = true;
     if (!is_active(n)) m_active.push_back(n);
   }
-  m_records.push_back(std::move(rec));
+  for (auto& rec : records) m_records.push_back(std::move(rec));
   invalidate_cache();
 }
 
@@ -777,18 +923,19 @@ parameter_report linear<Scalar>::report() const {
   const auto bytes = static_cast<std::int64_t>(sizeof(Scalar));
   r.frozen_params = m_in * m_out + m_bias.size();
   for (const auto& a : m_adapters) {
-    const std::int64_t n = a.m_a.size() + a.m_b.size();
+    const std::int64_t n = a.m_a.size() + a.m_b.size() + a.m_magnitude.size();
     if (a.m_merged) {
       r.frozen_params += n;
     } else {
       r.trainable_params += n;
       r.trainable_bytes += n * bytes;
-      r.grad_bytes += (a.m_grad_a.size() + a.m_grad_b.size()) * bytes;
+      r.grad_bytes += (a.m_grad_a.size() + a.m_grad_b.size() + a.m_grad_magnitude.size()) * bytes;
     }
     if (a.m_in_cache) r.cache_bytes += a.m_h.size() * bytes;
   }
   r.frozen_bytes = r.frozen_params * bytes;  // merged adapters keep their factors for unmerge
   if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_x.owned_bytes());
+  if (m_has_cache && m_cached_dora) r.cache_bytes += m_base.size() * bytes;
   for (const auto& rec : m_records) r.merge_bytes += static_cast<std::int64_t>(rec.bytes());
   return r;
 }

@@ -81,9 +81,23 @@ struct merge_record {
   matrix<Scalar> q;                             // stored_cols x R
   std::vector<std::int8_t> ulps;                // stored_rows * stored_cols, column-major
   std::vector<std::pair<index, Scalar>> exact;  // (linear index, original value) where ulps cannot say
+  // DoRA: W' = g ⊙ (W + P Qᵀ) with one factor g_o per output o (empty for plain LoRA). Outputs are the
+  // stored matrix's rows, or its columns when scale_columns (a stored Wᵀ).
+  vector<Scalar> scale;
+  bool scale_columns = false;
+
+  /// The merged value of one element, and its inverse (exact up to the recorded ulps).
+  Scalar forward(Scalar w, Scalar d, index i, index j) const {
+    if (scale.size() == 0) return w + d;
+    return (w + d) * scale(scale_columns ? j : i);
+  }
+  Scalar inverse(Scalar w, Scalar d, index i, index j) const {
+    if (scale.size() == 0) return w - d;
+    return w / scale(scale_columns ? j : i) - d;
+  }
 
   std::size_t bytes() const {
-    return sizeof(Scalar) * static_cast<std::size_t>(p.size() + q.size()) + ulps.size() +
+    return sizeof(Scalar) * static_cast<std::size_t>(p.size() + q.size() + scale.size()) + ulps.size() +
            exact.size() * sizeof(std::pair<index, Scalar>);
   }
 };
@@ -98,19 +112,22 @@ void delta_block(const matrix<Scalar>& p, const matrix<Scalar>& q, index j0, ind
   d.noalias() = p.lazyProduct(q.middleRows(j0, nb).transpose());
 }
 
-/// True if every element of W + P Qᵀ is finite. Reads W only.
+/// True if every element of the merged weight would be finite. Reads W only.
 template <typename Scalar, typename WeightMap>
-bool merge_is_finite(const WeightMap& w, const matrix<Scalar>& p, const matrix<Scalar>& q) {
+bool merge_is_finite(const WeightMap& w, const merge_record<Scalar>& rec) {
   matrix<Scalar> d;
   for (index j0 = 0; j0 < w.cols(); j0 += merge_block_cols) {
     const index nb = std::min(merge_block_cols, w.cols() - j0);
-    delta_block(p, q, j0, nb, d);
-    if (!(w.middleCols(j0, nb) + d).allFinite()) return false;
+    delta_block(rec.p, rec.q, j0, nb, d);
+    for (index j = 0; j < nb; ++j)
+      for (index i = 0; i < w.rows(); ++i)
+        if (!std::isfinite(rec.forward(w(i, j0 + j), d(i, j), i, j0 + j))) return false;
   }
   return true;
 }
 
-/// W += P Qᵀ, filling rec.ulps / rec.exact so that unmerge_exact restores W bit for bit.
+/// W += P Qᵀ (or W = g ⊙ (W + P Qᵀ) for DoRA), filling rec.ulps / rec.exact so that unmerge_exact restores W bit for
+/// bit.
 template <typename Scalar, typename WeightMap>
 void merge_exact(WeightMap& w, merge_record<Scalar>& rec) {
   const index rows = w.rows();
@@ -123,8 +140,8 @@ void merge_exact(WeightMap& w, merge_record<Scalar>& rec) {
     for (index j = 0; j < nb; ++j) {
       for (index i = 0; i < rows; ++i) {
         const Scalar original = w(i, j0 + j);
-        const Scalar merged = original + d(i, j);
-        const Scalar back = merged - d(i, j);
+        const Scalar merged = rec.forward(original, d(i, j), i, j0 + j);
+        const Scalar back = rec.inverse(merged, d(i, j), i, j0 + j);
         // Wrapping subtraction (no UB for NaN payloads); a wrapped step fails the check below.
         const auto step = static_cast<std::int64_t>(static_cast<std::uint64_t>(ordered_int(original)) -
                                                     static_cast<std::uint64_t>(ordered_int(back)));
@@ -140,7 +157,7 @@ void merge_exact(WeightMap& w, merge_record<Scalar>& rec) {
   }
 }
 
-/// Undoes merge_exact: W -= P Qᵀ, then corrects every element to its recorded original bits.
+/// Undoes merge_exact: applies the inverse of the merge, then corrects every element to its recorded original bits.
 template <typename Scalar, typename WeightMap>
 void unmerge_exact(WeightMap& w, const merge_record<Scalar>& rec) {
   const index rows = w.rows();
@@ -150,7 +167,7 @@ void unmerge_exact(WeightMap& w, const merge_record<Scalar>& rec) {
     delta_block(rec.p, rec.q, j0, nb, d);
     for (index j = 0; j < nb; ++j) {
       for (index i = 0; i < rows; ++i) {
-        const Scalar back = w(i, j0 + j) - d(i, j);
+        const Scalar back = rec.inverse(w(i, j0 + j), d(i, j), i, j0 + j);
         const std::int64_t step = rec.ulps[static_cast<std::size_t>((j0 + j) * rows + i)];
         w(i, j0 + j) = step_ulps(back, step);
       }
