@@ -1,13 +1,18 @@
-// bench_linear: forward, inference and a full training step of lora::linear over rank, beside the
-// frozen layer's own GEMMs computed in the same binary on the same operands, so that ratios are
-// meaningful on a noisy shared machine.
+// bench_linear: serving costs of lora::linear.
 //
-// Arguments: d = in = out features, n = rows in the batch, r = rank.
-// Sizes: d = 1024 is a small transformer projection (fits L2/L3 poorly, realistic); n = 64 is a
-// decode-sized batch where the rank-r work weighs most, n = 512 a training micro-batch.
+//  bm_infer  the frozen layer alone (Y = X Wᵀ), the same layer with an adapter merged into W, and the
+//            unmerged adapter path (Y = X Wᵀ + s (X Aᵀ) Bᵀ), timed back to back on the same operands;
+//            counters are ratios of medians. The unmerged path adds 2 n r (in + out) FLOPs to 2 n in·out,
+//            so its ideal ratio is 1 + r (in + out) / (in·out); the target allows 1.5 times that overhead.
+//  bm_merge  merge and exact unmerge of one adapter into one layer.
+//
+// Arguments: d = in = out, n = rows per call (1 = a single decode step, 512 = a prefill chunk), r = rank.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <chrono>
 #include <lora/lora.hpp>
+#include <vector>
 
 namespace {
 
@@ -20,90 +25,72 @@ mat random(lora::index r, lora::index c, std::uint64_t seed) {
   return m;
 }
 
-struct fixture {
-  lora::index d, n, r;
-  mat w, x, dy, y, dx;
-  lora::linear<float> layer;
-  fixture(lora::index d_, lora::index n_, lora::index r_)
-      : d(d_),
-        n(n_),
-        r(r_),
-        w(random(d, d, 1)),
-        x(random(n, d, 2)),
-        dy(random(n, d, 3)),
-        y(n, d),
-        dx(n, d),
-        layer(lora::view, w, "bench") {
-    lora::adapter_config c;
-    c.rank = r;
-    c.init = lora::init_method::random_ab;
-    layer.add_adapter("default", c);
-  }
-};
-
-// FLOPs: each GEMM of m x k by k x n is 2 m n k.
-double base_flops(const fixture& f) { return 2.0 * f.n * f.d * f.d; }
-double lora_flops(const fixture& f) { return 2.0 * f.n * f.r * (2.0 * f.d); }
-
-void set_counters(benchmark::State& st, double flops) {
-  st.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-// The frozen layer alone: Y = X Wᵀ.
-void bm_base_forward(benchmark::State& st) {
-  fixture f(st.range(0), st.range(1), st.range(2));
-  for (auto _ : st) {
-    f.y.noalias() = f.x * f.w.transpose();
-    benchmark::DoNotOptimize(f.y.data());
-  }
-  set_counters(st, base_flops(f));
+template <typename F>
+double seconds(F&& f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// The two GEMMs a LoRA training step cannot avoid: Y = X Wᵀ and dX = dY W.
-void bm_gemm2(benchmark::State& st) {
-  fixture f(st.range(0), st.range(1), st.range(2));
-  for (auto _ : st) {
-    f.y.noalias() = f.x * f.w.transpose();
-    f.dx.noalias() = f.dy * f.w;
-    benchmark::DoNotOptimize(f.y.data());
-    benchmark::DoNotOptimize(f.dx.data());
-  }
-  set_counters(st, 2 * base_flops(f));
+lora::adapter_config random_adapter(lora::index r) {
+  lora::adapter_config c;
+  c.rank = r;
+  c.alpha = 2.0 * static_cast<double>(r);
+  c.init = lora::init_method::random_ab;
+  return c;
 }
 
 void bm_infer(benchmark::State& st) {
-  fixture f(st.range(0), st.range(1), st.range(2));
+  const lora::index d = st.range(0), n = st.range(1), r = st.range(2);
+  mat w = random(d, d, 1), w_merged = w;
+  const mat x = random(n, d, 2);
+  mat y(n, d);
+  lora::linear<float> unmerged(lora::view, w, "unmerged"), merged(lora::view, w_merged, "merged");
+  unmerged.add_adapter("default", random_adapter(r));
+  merged.add_adapter("default", random_adapter(r));
+  merged.merge();
   lora::inference_workspace<float> ws;
+  std::vector<double> t_base, t_merged, t_unmerged;
   for (auto _ : st) {
-    f.layer.infer(f.x, f.y, ws);
-    benchmark::DoNotOptimize(f.y.data());
+    t_base.push_back(seconds([&] { y.noalias() = x * w.transpose(); }));
+    t_merged.push_back(seconds([&] { merged.infer(x, y, ws); }));
+    t_unmerged.push_back(seconds([&] { unmerged.infer(x, y, ws); }));
+    benchmark::DoNotOptimize(y.data());
   }
-  set_counters(st, base_flops(f) + lora_flops(f));
+  const double base = median(t_base);
+  st.counters["base_us"] = 1e6 * base;
+  st.counters["merged_over_base"] = median(t_merged) / base;
+  st.counters["unmerged_over_base"] = median(t_unmerged) / base;
+  st.counters["target"] = 1.0 + 1.5 * static_cast<double>(r) * 2.0 * static_cast<double>(d) /
+                                    (static_cast<double>(d) * static_cast<double>(d));
 }
 
-// Forward + backward (dX, dA, dB).
-void bm_train_step(benchmark::State& st) {
-  fixture f(st.range(0), st.range(1), st.range(2));
+void bm_merge(benchmark::State& st) {
+  const lora::index d = st.range(0), r = st.range(1);
+  mat w = random(d, d, 3);
+  lora::linear<float> layer(lora::view, w, "layer");
+  layer.add_adapter("default", random_adapter(r));
+  std::vector<double> t_merge, t_unmerge;
   for (auto _ : st) {
-    f.layer.forward(f.x, f.y);
-    f.layer.backward(f.dy, f.dx);
-    benchmark::DoNotOptimize(f.dx.data());
+    t_merge.push_back(seconds([&] { layer.merge(); }));
+    t_unmerge.push_back(seconds([&] { layer.unmerge(); }));
   }
-  set_counters(st, 2 * base_flops(f) + 3 * lora_flops(f));
+  st.counters["merge_ms"] = 1e3 * median(t_merge);
+  st.counters["unmerge_ms"] = 1e3 * median(t_unmerge);
 }
 
-void grid(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"d", "n", "r"});
-  for (long d : {1024})
-    for (long n : {64, 512})
-      for (long r : {4, 16, 64}) b->Args({d, n, r});
-  b->Unit(benchmark::kMicrosecond);
-}
-
-BENCHMARK(bm_base_forward)->Apply(grid);
-BENCHMARK(bm_gemm2)->Apply(grid);
-BENCHMARK(bm_infer)->Apply(grid);
-BENCHMARK(bm_train_step)->Apply(grid);
+// d = 4096 (7B-class projections) and 1024; n from one decode step to a prefill chunk; r = 8 and 64.
+BENCHMARK(bm_infer)
+    ->ArgNames({"d", "n", "r"})
+    ->ArgsProduct({{1024, 4096}, {1, 8, 64, 512}, {8, 64}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.3);
+BENCHMARK(bm_merge)->ArgNames({"d", "r"})->ArgsProduct({{1024, 4096}, {8, 64}})->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

@@ -8,13 +8,15 @@
 //
 // Every iteration times the three contenders back to back on the same operands (gemm2, our step,
 // libtorch's step with autograd) and the counters are ratios of per-contender medians, so a noisy
-// shared machine moves all three together. Both libraries run on one thread.
+// shared machine moves all three together. Both libraries run on OPENBLAS_NUM_THREADS threads (scripts/bench.sh
+// sets 1).
 //
 // Arguments: in, out = layer shape, n = batch rows, r = rank.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <lora/lora.hpp>
 #include <vector>
 
@@ -60,7 +62,9 @@ void bm_step(benchmark::State& st) {
   layer.add_adapter("default", cfg);
 
 #ifdef LORA_HAVE_TORCH
-  torch::set_num_threads(1);
+  // The same thread count as BLAS (OPENBLAS_NUM_THREADS, 1 unless set), which both libraries call.
+  const char* threads = std::getenv("OPENBLAS_NUM_THREADS");
+  torch::set_num_threads(threads ? std::max(1, std::atoi(threads)) : 1);
   // Same operands. torch is row-major: our column-major W (out x in) is torch's Wᵀ (in x out) memory.
   auto opts = torch::TensorOptions().dtype(torch::kFloat32);
   torch::Tensor tw = torch::from_blob(w.data(), {in, out}, opts).t().clone();  // out x in, frozen
