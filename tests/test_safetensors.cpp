@@ -75,10 +75,11 @@ bytes read_file(const std::string& path) {
 
 /// 8-byte little-endian length, then the header as given, then the data.
 bytes file_image(const std::string& header, const bytes& data = {}) {
-  bytes out(8);
+  // Sized once and filled with memcpy: GCC 12 at -O3 misreports vector::insert here (-Warray-bounds).
+  bytes out(8 + header.size() + data.size());
   detail::store_le<std::uint64_t>(header.size(), out.data());
-  out.insert(out.end(), header.begin(), header.end());
-  out.insert(out.end(), data.begin(), data.end());
+  if (!header.empty()) std::memcpy(out.data() + 8, header.data(), header.size());
+  if (!data.empty()) std::memcpy(out.data() + 8 + header.size(), data.data(), data.size());
   return out;
 }
 

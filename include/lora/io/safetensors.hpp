@@ -1598,10 +1598,18 @@ inline std::vector<unsigned char> safetensors_writer::to_bytes() const {
   for (const entry* e : order) specs.push_back(e->spec);
   const std::vector<tensor_info> layout = detail::plan_layout(specs, "safetensors writer");
   const std::string header = detail::build_header(layout, m_metadata, "safetensors writer");
-  std::vector<unsigned char> out(8);
+  // Sized once and filled with memcpy (GCC 12 at -O3 misreports vector::insert into a fresh vector).
+  std::size_t total = 8 + header.size();
+  for (const entry* e : order) total += e->bytes.size();
+  std::vector<unsigned char> out(total);
   detail::store_le<std::uint64_t>(header.size(), out.data());
-  out.insert(out.end(), header.begin(), header.end());
-  for (const entry* e : order) out.insert(out.end(), e->bytes.begin(), e->bytes.end());
+  std::size_t at = 8;
+  std::memcpy(out.data() + at, header.data(), header.size());
+  at += header.size();
+  for (const entry* e : order) {
+    if (!e->bytes.empty()) std::memcpy(out.data() + at, e->bytes.data(), e->bytes.size());
+    at += e->bytes.size();
+  }
   return out;
 }
 
