@@ -12,38 +12,18 @@
 #include <algorithm>
 #include <chrono>
 #include <lora/lora.hpp>
+
 #include <vector>
+#include "bench_common.hpp"
 
 namespace {
 
+using lora_bench::median;
+using lora_bench::random;
+using lora_bench::random_adapter;
+using lora_bench::seconds;
+
 using mat = lora::matrix<float>;
-
-mat random(lora::index r, lora::index c, std::uint64_t seed) {
-  lora::rng gen(seed);
-  mat m(r, c);
-  for (lora::index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(gen.uniform(-1, 1));
-  return m;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-template <typename F>
-double seconds(F&& f) {
-  const auto t0 = std::chrono::steady_clock::now();
-  f();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-lora::adapter_config random_adapter(lora::index r) {
-  lora::adapter_config c;
-  c.rank = r;
-  c.alpha = 2.0 * static_cast<double>(r);
-  c.init = lora::init_method::random_ab;
-  return c;
-}
 
 void bm_infer(benchmark::State& st) {
   const lora::index d = st.range(0), n = st.range(1), r = st.range(2);

@@ -18,7 +18,9 @@
 #include <chrono>
 #include <cstdlib>
 #include <lora/lora.hpp>
+
 #include <vector>
+#include "bench_common.hpp"
 
 #ifdef LORA_HAVE_TORCH
 #include <torch/torch.h>
@@ -26,27 +28,12 @@
 
 namespace {
 
+using lora_bench::median;
+using lora_bench::random;
+using lora_bench::random_adapter;
+using lora_bench::seconds;
+
 using mat = lora::matrix<float>;
-using clock_type = std::chrono::steady_clock;
-
-mat random(lora::index r, lora::index c, std::uint64_t seed) {
-  lora::rng gen(seed);
-  mat m(r, c);
-  for (lora::index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(gen.uniform(-1, 1));
-  return m;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-template <typename F>
-double seconds(F&& f) {
-  const auto t0 = clock_type::now();
-  f();
-  return std::chrono::duration<double>(clock_type::now() - t0).count();
-}
 
 void bm_step(benchmark::State& st) {
   const lora::index in = st.range(0), out = st.range(1), n = st.range(2), r = st.range(3);
@@ -55,11 +42,7 @@ void bm_step(benchmark::State& st) {
   const mat x = random(n, in, 2), dy = random(n, out, 3);
   mat y(n, out), dx(n, in);
   lora::linear<float> layer(lora::view, w, "bench");
-  lora::adapter_config cfg;
-  cfg.rank = r;
-  cfg.alpha = 2.0 * static_cast<double>(r);
-  cfg.init = lora::init_method::random_ab;
-  layer.add_adapter("default", cfg);
+  layer.add_adapter("default", random_adapter(r));
 
 #ifdef LORA_HAVE_TORCH
   // The same thread count as BLAS (OPENBLAS_NUM_THREADS, 1 unless set), which both libraries call.
