@@ -9,6 +9,7 @@
 #include <functional>
 #include <limits>
 #include <lora/config.hpp>
+#include <lora/random.hpp>
 #include <string>
 
 namespace lora_test {
@@ -31,6 +32,14 @@ double rel_error(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
   const double diff = (a.template cast<double>() - b.template cast<double>()).cwiseAbs().maxCoeff();
   const double scale = std::max(1.0, b.template cast<double>().cwiseAbs().maxCoeff());
   return diff / scale;
+}
+
+/// rows x cols uniform in [-scale, scale), drawn from gen in storage order.
+template <typename Scalar = double>
+lora::matrix<Scalar> random_matrix(lora::rng& gen, lora::index rows, lora::index cols, double scale = 1.0) {
+  lora::matrix<Scalar> m(rows, cols);
+  for (lora::index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(scale * gen.uniform(-1, 1));
+  return m;
 }
 
 /// Central finite differences of a scalar function of a matrix: d f / d p(i,j) approximated by

@@ -11,11 +11,7 @@ using lora::index;
 using mat = lora::matrix<double>;
 using vec = lora::vector<double>;
 
-mat random(lora::rng& gen, index r, index c) {
-  mat m(r, c);
-  for (index i = 0; i < m.size(); ++i) m.data()[i] = gen.uniform(-1, 1);
-  return m;
-}
+mat random(lora::rng& gen, index r, index c) { return lora_test::random_matrix(gen, r, c); }
 
 lora::adapter_config dora_config(index rank, double alpha, std::uint64_t seed) {
   lora::adapter_config c;

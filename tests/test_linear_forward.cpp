@@ -6,14 +6,9 @@
 
 namespace {
 
-using lora::index;
+using lora_test::random_matrix;
 
-template <typename Scalar>
-lora::matrix<Scalar> random_matrix(lora::rng& gen, index r, index c) {
-  lora::matrix<Scalar> m(r, c);
-  for (index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(gen.uniform(-1, 1));
-  return m;
-}
+using lora::index;
 
 template <typename Scalar>
 class linear_forward : public ::testing::Test {};

@@ -8,14 +8,9 @@
 
 namespace {
 
-using lora::index;
+using lora_test::random_matrix;
 
-template <typename Scalar>
-lora::matrix<Scalar> random_matrix(lora::rng& gen, index r, index c, double scale = 1.0) {
-  lora::matrix<Scalar> m(r, c);
-  for (index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(scale * gen.uniform(-1, 1));
-  return m;
-}
+using lora::index;
 
 template <typename A, typename B>
 bool bitwise_equal(const A& a, const B& b) {
