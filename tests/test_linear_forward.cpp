@@ -21,8 +21,16 @@ TYPED_TEST(linear_forward, matches_dense_formula) {
   const lora::vector<S> b = random_matrix<S>(gen, 7, 1);
   const auto x = random_matrix<S>(gen, 4, 5);
   lora::linear<S> layer(w, b, "fc");
-  lora::adapter_config c1{3, 6.0, 0.0, false, lora::init_method::random_ab, 1};
-  lora::adapter_config c2{2, 4.0, 0.0, true, lora::init_method::random_ab, 2};
+  lora::adapter_config c1, c2;
+  c1.rank = 3;
+  c1.alpha = 6.0;
+  c1.init = lora::init_method::random_ab;
+  c1.seed = 1;
+  c2.rank = 2;
+  c2.alpha = 4.0;
+  c2.use_rslora = true;
+  c2.init = lora::init_method::random_ab;
+  c2.seed = 2;
   layer.add_adapter("one", c1);
   layer.add_adapter("two", c2);
   layer.set_active({"one", "two"});
