@@ -1,0 +1,355 @@
+// lora/io/merge.hpp: PEFT's merge_and_unload applied to a checkpoint on disk: a base model in
+// safetensors plus a PEFT LoRA adapter give a new safetensors file with the adapter folded in.
+//
+// For a module with effective scaling s (peft_config::scaling_for, times merge_options::scale):
+//   linear, W stored out x in:                 W <- W + s B A
+//   linear, fan_in_fan_out (W stored in x out): W <- W + s (B A)ᵀ  = W + s Aᵀ Bᵀ
+//   embedding (W stored num_embeddings x dim):  W <- W + s (B A)ᵀ
+//   DoRA (lora_magnitude_vector m, length out): W <- m ⊙ V / ‖V‖ with V = W + s B A, one L2 norm per
+//     output row of the out x in matrix (per column of a stored in x out matrix), as PEFT's merge does
+//   lora_B.bias:                               bias <- bias + s · lora_B.bias (PEFT's lora_bias merge)
+//   whole tensors (modules_to_save ...):       the base tensor is replaced
+// Every other tensor, and the "__metadata__" map, is copied through unchanged.
+//
+// Names: an adapter module "<path>" merges into the base tensor "<p>.weight" where <p> and <path> are
+// the same dotted path up to a leading prefix (one is a whole dotted suffix of the other), e.g.
+// "transformer.h.0.attn.c_attn" -> "h.0.attn.c_attn.weight", "model.model.layers.0.mlp.up_proj" ->
+// "model.layers.0.mlp.up_proj.weight"; the candidate sharing the most trailing components wins, a tie
+// is refused as ambiguous, and a module with no candidate is an error (detail::suffix_index).
+//
+// Arithmetic is in double (every f16/bf16/f32 value is exact in double), rounded once to the output
+// dtype. The output is written tensor by tensor through safetensors_stream_writer into a temporary
+// renamed over the target, so peak memory stays near the largest merged tensor (held in double)
+// while the base is memory-mapped, and a failure leaves no partial file.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft.hpp"
+#include "safetensors.hpp"
+
+namespace lora::io {
+
+struct merge_options {
+  /// Multiplies every module's scaling (1 = PEFT's merge_and_unload).
+  double scale = 1.0;
+  /// Output dtype of every floating-point tensor (F16, BF16, F32 or F64); nullopt keeps each base
+  /// tensor's dtype, so untouched tensors are copied byte for byte. Integer and boolean tensors are
+  /// always copied unchanged.
+  std::optional<dtype> out_dtype;
+  /// Refuse (numeric_error naming the module) a merge that turns finite base values non-finite, as
+  /// PEFT's safe_merge does.
+  bool safe = true;
+  /// Called after each output tensor with (tensors done, total, tensor name).
+  std::function<void(std::size_t, std::size_t, const std::string&)> progress;
+};
+
+/// What a merge did.
+struct merge_report {
+  /// (adapter module path, base tensor name) for every merged module; bias targets are "<p>.bias".
+  std::vector<std::pair<std::string, std::string>> merged;
+  /// (adapter tensor path, base tensor name) for every replaced tensor.
+  std::vector<std::pair<std::string, std::string>> replaced;
+  std::size_t copied = 0;     ///< untouched tensors copied byte for byte
+  std::size_t converted = 0;  ///< untouched tensors converted to out_dtype
+  std::size_t tensors = 0;    ///< tensors written
+};
+
+/// How each adapter item maps onto the base checkpoint, checked completely (names, shapes, dtypes)
+/// before anything is written.
+struct merge_plan {
+  struct module_target {
+    std::size_t module;    ///< index into peft_adapter_file::modules()
+    std::string weight;    ///< base tensor name
+    std::string bias;      ///< base bias tensor (lora_B.bias only), else empty
+    double scaling = 1.0;  ///< effective s, merge_options::scale included
+  };
+  struct replacement {
+    std::string key;   ///< adapter tensor name
+    std::string base;  ///< base tensor name
+  };
+  std::vector<module_target> modules;
+  std::vector<replacement> replacements;
+};
+
+/// Matches the adapter against the base and checks every pair: name_error for a missing or ambiguous
+/// match (naming the module) or a base tensor claimed twice, shape_error for a base tensor whose shape
+/// disagrees with the adapter (expected and actual), dtype_error for a base tensor that is not F16,
+/// BF16, F32 or F64, config_error for what cannot be merged (DoRA on an embedding).
+merge_plan plan_merge(const safetensors_file& base, const peft_adapter_file& adapter,
+                      const merge_options& options = {});
+
+/// Merges `adapter` into `base` and writes `out_path` atomically. Throws as plan_merge does before
+/// writing, numeric_error (safe) naming the module, io_error if the output cannot be written.
+merge_report merge_checkpoint(const safetensors_file& base, const peft_adapter_file& adapter,
+                              const std::string& out_path, const merge_options& options = {});
+/// Same, opening the files: the base checkpoint and the adapter directory.
+merge_report merge_checkpoint(const std::string& base_path, const std::string& adapter_dir, const std::string& out_path,
+                              const merge_options& options = {});
+
+namespace detail {
+
+/// The merged weight in its stored orientation: W (out x in), or Wᵀ when `transposed` (fan_in_fan_out,
+/// embeddings). `w` holds the base weight on entry. DoRA when `magnitude` is non-empty.
+void merge_weight(matrix<double>& w, const peft_module& m, double s, bool transposed);
+/// Output dtype of a base tensor of dtype `type`.
+dtype merged_dtype(dtype type, const merge_options& options) noexcept;
+
+}  // namespace detail
+
+// ===================================================================================================
+// Implementation
+// ===================================================================================================
+
+namespace detail {
+
+inline dtype merged_dtype(dtype type, const merge_options& options) noexcept {
+  return options.out_dtype && is_float_dtype(type) ? *options.out_dtype : type;
+}
+
+inline void merge_weight(matrix<double>& w, const peft_module& m, double s, bool transposed) {
+  if (transposed) {
+    w.noalias() += (s * m.a.transpose()) * m.b.transpose();  // in x out += (in x r)(r x out)
+  } else {
+    w.noalias() += (s * m.b) * m.a;  // out x in += (out x r)(r x in)
+  }
+  if (m.magnitude.size() == 0) return;
+  // DoRA: scale each output row (stored column when transposed) of V = W + s B A to length m_i.
+  if (transposed) {
+    for (index j = 0; j < w.cols(); ++j) w.col(j) *= m.magnitude(j) / w.col(j).norm();
+  } else {
+    const vector<double> norms = w.rowwise().norm();
+    for (index i = 0; i < w.rows(); ++i) w.row(i) *= m.magnitude(i) / norms(i);
+  }
+}
+
+}  // namespace detail
+
+inline merge_plan plan_merge(const safetensors_file& base, const peft_adapter_file& adapter,
+                             const merge_options& options) {
+  if (options.out_dtype && !detail::is_float_dtype(*options.out_dtype)) {
+    throw dtype_error(
+        detail::cat("merge: the output dtype must be F16, BF16, F32 or F64, got ", dtype_name(*options.out_dtype)));
+  }
+  if (!std::isfinite(options.scale))
+    throw config_error(detail::cat("merge: scale must be finite, got ", options.scale));
+  const peft_config& config = adapter.config();
+
+  // Candidates: base module paths (tensors named "<p>.weight") for LoRA modules, every tensor name for
+  // whole-tensor replacements.
+  std::vector<std::string> weight_modules, all_names;
+  for (const tensor_info& t : base.tensors()) {
+    all_names.push_back(t.name);
+    constexpr std::string_view suffix = ".weight";
+    if (t.name.size() > suffix.size() && t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      weight_modules.push_back(t.name.substr(0, t.name.size() - suffix.size()));
+    }
+  }
+  const detail::suffix_index by_module(weight_modules);
+  const detail::suffix_index by_name(all_names);
+  std::map<std::string, std::string> claimed;  // base tensor -> adapter item
+  auto claim = [&](const std::string& tensor, const std::string& item) {
+    const auto [it, fresh] = claimed.emplace(tensor, item);
+    if (!fresh) {
+      throw name_error(
+          detail::cat("merge: base tensor '", tensor, "' is targeted by both ", it->second, " and ", item));
+    }
+  };
+  auto require_float = [&](const tensor_info& t, const std::string& what) {
+    if (!detail::is_float_dtype(t.type)) {
+      throw dtype_error(detail::cat("merge: ", what, ": base tensor '", t.name, "' is ", dtype_name(t.type),
+                                    "; only F16, BF16, F32 and F64 weights can be merged into"));
+    }
+  };
+
+  merge_plan plan;
+  const auto& modules = adapter.modules();
+  for (std::size_t k = 0; k < modules.size(); ++k) {
+    const peft_module_info& m = modules[k];
+    const std::string what = detail::cat("adapter module '", m.path, "'");
+    const std::ptrdiff_t found = by_module.find(m.path, what);
+    if (found < 0) {
+      throw name_error(detail::cat("merge: ", what, " matches no '<module>.weight' tensor of the base checkpoint '",
+                                   base.path(), "' (", base.tensors().size(), " tensors, e.g. ",
+                                   detail::list_names(all_names, 3), ")"));
+    }
+    merge_plan::module_target target;
+    target.module = k;
+    target.weight = weight_modules[static_cast<std::size_t>(found)] + ".weight";
+    target.scaling = options.scale * config.scaling_for(m.path);
+    const tensor_info& w = base.info(target.weight);
+    require_float(w, what);
+    // Stored shape: [out, in], or [in, out] with fan_in_fan_out; an embedding is [num_embeddings, dim].
+    const bool transposed = m.embedding || config.fan_in_fan_out;
+    const std::vector<std::int64_t> expected =
+        transposed ? std::vector<std::int64_t>{m.in, m.out} : std::vector<std::int64_t>{m.out, m.in};
+    if (w.shape != expected) {
+      throw shape_error(detail::cat("merge: ", what, " (", m.embedding ? "embedding" : "linear", ", in = ", m.in,
+                                    ", out = ", m.out, config.fan_in_fan_out && !m.embedding ? ", fan_in_fan_out" : "",
+                                    ") needs base tensor '", target.weight, "' to be ",
+                                    detail::shape_to_string(expected), ", got ", detail::shape_to_string(w.shape)));
+    }
+    if (!m.magnitude_key.empty() && m.embedding) {
+      throw config_error(detail::cat("merge: ", what, ": DoRA on an embedding cannot be merged by this tool"));
+    }
+    claim(target.weight, what);
+    if (!m.bias_key.empty()) {
+      target.bias = weight_modules[static_cast<std::size_t>(found)] + ".bias";
+      if (!base.contains(target.bias)) {
+        throw name_error(detail::cat("merge: ", what, " has lora_B.bias but the base has no '", target.bias,
+                                     "' to add it to (PEFT cannot merge it either)"));
+      }
+      const tensor_info& b = base.info(target.bias);
+      require_float(b, what);
+      if (b.numel() != m.out || b.rank() != 1) {
+        throw shape_error(detail::cat("merge: ", what, ": base bias '", target.bias, "' must be [", m.out, "], got ",
+                                      detail::shape_to_string(b.shape)));
+      }
+      claim(target.bias, what + " (lora_B.bias)");
+    }
+    plan.modules.push_back(std::move(target));
+  }
+  for (const tensor_info& t : adapter.full_tensors()) {
+    const std::string path = t.name.substr(peft_key_prefix.size());
+    const std::string what = detail::cat("adapter tensor '", path, "'");
+    const std::ptrdiff_t found = by_name.find(path, what);
+    if (found < 0) {
+      throw name_error(detail::cat("merge: ", what,
+                                   " (modules_to_save or a saved bias) matches no tensor of the base "
+                                   "checkpoint '",
+                                   base.path(), "'"));
+    }
+    const tensor_info& b = base.info(all_names[static_cast<std::size_t>(found)]);
+    if (b.shape != t.shape) {
+      throw shape_error(detail::cat("merge: ", what, " is ", detail::shape_to_string(t.shape), " but base tensor '",
+                                    b.name, "' is ", detail::shape_to_string(b.shape)));
+    }
+    if (t.type != b.type && !(detail::is_float_dtype(t.type) && detail::is_float_dtype(b.type))) {
+      throw dtype_error(detail::cat("merge: ", what, " is ", dtype_name(t.type), " but base tensor '", b.name, "' is ",
+                                    dtype_name(b.type), "; only floating-point tensors are converted"));
+    }
+    claim(b.name, what);
+    plan.replacements.push_back(merge_plan::replacement{t.name, b.name});
+  }
+  return plan;
+}
+
+inline merge_report merge_checkpoint(const safetensors_file& base, const peft_adapter_file& adapter,
+                                     const std::string& out_path, const merge_options& options) {
+  const merge_plan plan = plan_merge(base, adapter, options);
+  const bool transposed_linear = adapter.config().fan_in_fan_out;
+  std::map<std::string, const merge_plan::module_target*> by_weight, by_bias;
+  std::map<std::string, const merge_plan::replacement*> by_replaced;
+  for (const auto& m : plan.modules) {
+    by_weight.emplace(m.weight, &m);
+    if (!m.bias.empty()) by_bias.emplace(m.bias, &m);
+  }
+  for (const auto& r : plan.replacements) by_replaced.emplace(r.base, &r);
+
+  // Same names, shapes and order as the base; floating-point dtypes as asked.
+  std::vector<tensor_spec> layout;
+  for (const tensor_info& t : base.tensors()) {
+    layout.push_back(tensor_spec{t.name, detail::merged_dtype(t.type, options), t.shape});
+  }
+  safetensors_stream_writer out(out_path, layout, base.metadata());
+
+  merge_report report;
+  const std::size_t total = base.tensors().size();
+  // Writes values (row-major entries of `t`'s shape) in the output dtype.
+  auto write_values = [&](const tensor_info& t, const vector<double>& values) {
+    if (t.rank() == 2) {
+      const Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(
+          values.data(), static_cast<index>(t.shape[0]), static_cast<index>(t.shape[1]));
+      out.write(t.name, m);
+    } else {
+      out.write(t.name, values);
+    }
+  };
+  // Converts stored bytes of dtype `from` to dtype `to` in bounded chunks (no double copy of the tensor).
+  auto write_converted = [&](const std::string& name, const unsigned char* data, std::size_t size, dtype from,
+                             dtype to) {
+    const std::size_t in_width = dtype_size(from), out_width = dtype_size(to);
+    const std::size_t count = size / in_width;
+    std::vector<unsigned char> bytes(count * out_width);
+    std::vector<double> buffer;
+    const std::size_t step = detail::chunk_bytes / sizeof(double);
+    for (std::size_t done = 0; done < count; done += step) {
+      const std::size_t n = std::min(step, count - done);
+      buffer.resize(n);
+      detail::decode<double>(from, data + done * in_width, n, buffer.data());
+      detail::encode<double>(to, buffer.data(), n, bytes.data() + done * out_width);
+    }
+    out.write_raw(name, bytes.data(), bytes.size());
+  };
+  auto check_finite = [&](bool before_finite, const Eigen::Ref<const matrix<double>>& after, const std::string& what) {
+    if (options.safe && before_finite && !after.allFinite()) {
+      throw numeric_error(
+          detail::cat("merge: ", what, " would put non-finite values in a finite base tensor; nothing was written"));
+    }
+  };
+
+  std::size_t done = 0;
+  for (const tensor_info& t : base.tensors()) {
+    const dtype to = detail::merged_dtype(t.type, options);
+    if (const auto it = by_weight.find(t.name); it != by_weight.end()) {
+      const merge_plan::module_target& target = *it->second;
+      const peft_module_info& info = adapter.modules()[target.module];
+      const peft_module m = adapter.read_module(info);
+      matrix<double> w = base.read_matrix<double>(t.name);
+      const bool finite = w.allFinite();
+      detail::merge_weight(w, m, target.scaling, info.embedding || transposed_linear);
+      check_finite(finite, w, detail::cat("adapter module '", info.path, "'"));
+      out.write(t.name, w);
+      report.merged.emplace_back(info.path, t.name);
+    } else if (const auto ib = by_bias.find(t.name); ib != by_bias.end()) {
+      const peft_module_info& info = adapter.modules()[ib->second->module];
+      vector<double> bias = base.read_vector<double>(t.name);
+      const bool finite = bias.allFinite();
+      bias += ib->second->scaling * adapter.tensors().read_vector<double>(info.bias_key);
+      check_finite(finite, bias, detail::cat("adapter module '", info.path, "' (lora_B.bias)"));
+      write_values(t, bias);
+      report.merged.emplace_back(info.path, t.name);
+    } else if (const auto ir = by_replaced.find(t.name); ir != by_replaced.end()) {
+      const tensor_info& source = adapter.tensors().info(ir->second->key);
+      const tensor_bytes bytes = adapter.tensors().raw(source.name);
+      if (source.type == to) {
+        out.write_raw(t.name, bytes.data(), bytes.size());
+      } else {
+        write_converted(t.name, bytes.data(), bytes.size(), source.type, to);
+      }
+      report.replaced.emplace_back(source.name.substr(peft_key_prefix.size()), t.name);
+    } else if (to == t.type) {
+      const tensor_bytes bytes = base.raw(t.name);
+      if (bytes.size() != 0) out.write_raw(t.name, bytes.data(), bytes.size());
+      ++report.copied;
+    } else {
+      const tensor_bytes bytes = base.raw(t.name);
+      if (bytes.size() != 0) write_converted(t.name, bytes.data(), bytes.size(), t.type, to);
+      ++report.converted;
+    }
+    ++done;
+    if (options.progress) options.progress(done, total, t.name);
+  }
+  out.commit();
+  report.tensors = total;
+  return report;
+}
+
+inline merge_report merge_checkpoint(const std::string& base_path, const std::string& adapter_dir,
+                                     const std::string& out_path, const merge_options& options) {
+  const peft_adapter_file adapter = peft_adapter_file::open(adapter_dir);
+  const safetensors_file base = safetensors_file::open(base_path);
+  return merge_checkpoint(base, adapter, out_path, options);
+}
+
+}  // namespace lora::io
