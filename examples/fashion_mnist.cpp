@@ -9,8 +9,9 @@
 //     ranks, full fine-tuning, and head-only fine-tuning; same data, epochs, batch size and optimizer
 //     family (Adam). Each run reports test accuracy, trainable parameters, training-state bytes
 //     (parameters + gradients + Adam's two moments), peak RSS and seconds per epoch.
-//  5. The best adapter is saved (PEFT key names, safetensors), loaded into a fresh model, merged, and
-//     the merged model's accuracy is checked against the unmerged one.
+//  5. The best adapter is saved as a Hugging Face PEFT folder (adapter_config.json +
+//     adapter_model.safetensors), loaded into a fresh copy of the base, merged, and the merged model's
+//     accuracy is checked against the unmerged one.
 #include <sys/stat.h>
 #include <algorithm>
 #include <chrono>
@@ -18,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <lora/io/peft.hpp>
 #include <lora/io/safetensors.hpp>
 #include <lora/lora.hpp>
 #include <lora/optim.hpp>
@@ -42,7 +44,7 @@ struct options {
   std::string data_dir = ex::fashion_mnist_default_dir;
   std::string cache_dir = ".cache/fashion_mnist";
   std::string json_path;
-  std::string adapter_out = ".cache/fashion_mnist/best_adapter.safetensors";
+  std::string adapter_out = ".cache/fashion_mnist/best_adapter";
   std::vector<lora::index> ranks = {1, 4, 8};
   std::vector<std::string> domains = {"mild", "extreme"};
   int pretrain_epochs = 12;
@@ -79,7 +81,8 @@ const char* usage_text =
     "  --alpha-over-rank X   LoRA alpha = X * rank, so the scaling alpha/r is X (default 2)\n"
     "  --seed S              seed for initialisation, shuffling and the permutation (default 1)\n"
     "  --json PATH           also write the results as JSON\n"
-    "  --adapter-out PATH    where the best adapter is saved (default .cache/fashion_mnist/best_adapter.safetensors)\n"
+    "  --adapter-out DIR     where the best adapter is saved as a PEFT folder (default "
+    ".cache/fashion_mnist/best_adapter)\n"
     "  --quiet               no progress bar\n"
     "  --help                this text\n";
 
@@ -211,6 +214,21 @@ class mlp {
   }
 
   lora::linear<float>& lora_layer(int i) { return *m_lora[static_cast<std::size_t>(i)]; }
+
+  /// Frozen layers viewing the dense weights, without adapters (for attaching a loaded one).
+  void prepare_frozen() {
+    prepare(method::lora, 1, 1.0, 0);
+    for (auto& l : m_lora) {
+      l->remove_adapter("default");
+    }
+  }
+
+  /// The LoRA layers keyed by module path, as PEFT names them.
+  std::vector<std::pair<std::string, lora::linear<float>*>> named_layers() {
+    std::vector<std::pair<std::string, lora::linear<float>*>> out;
+    for (auto& l : m_lora) out.emplace_back(l->name(), l.get());
+    return out;
+  }
 
   /// What the optimizer trains in the current method.
   lora::parameter_list<float> parameters() {
@@ -500,7 +518,7 @@ int run(const options& o) {
     double accuracy = -1;
     lora::index rank = 0;
     std::string domain;
-    std::vector<std::pair<std::string, mat>> tensors;
+    lora::io::peft_adapter adapter;
   } best;
   for (const auto& dname : o.domains) {
     const ex::domain d = ex::parse_domain(dname);
@@ -543,13 +561,9 @@ int run(const options& o) {
         best.accuracy = rec.accuracy;
         best.rank = p.rank;
         best.domain = dname;
-        best.tensors.clear();
-        for (int i = 0; i < 3; ++i) {
-          const auto& a = model.lora_layer(i).adapter("default");
-          const std::string prefix = "base_model.model.fc" + std::to_string(i + 1);
-          best.tensors.emplace_back(prefix + ".lora_A.weight", a.a());
-          best.tensors.emplace_back(prefix + ".lora_B.weight", a.b());
-        }
+        lora::io::peft_config base_config;
+        base_config.base_model_name_or_path = base_path;
+        best.adapter = lora::io::peft_adapter::from_layers(model.named_layers(), "default", base_config);
       }
     }
     std::printf("\n");
@@ -570,25 +584,17 @@ int run(const options& o) {
 
   // 5. Save the best adapter, load it into a fresh copy of the base, and merge it.
   if (best.accuracy >= 0) {
-    lora::io::safetensors_writer w;
-    for (const auto& [name, t] : best.tensors) w.add(name, t);
-    w.set_metadata({{"format", "pt"}, {"domain", best.domain}, {"rank", std::to_string(best.rank)}});
-    w.write(o.adapter_out);
-    const auto f = lora::io::safetensors_file::open(o.adapter_out);
+    best.adapter.save(o.adapter_out);
+    const auto loaded = lora::io::peft_adapter::load(o.adapter_out);
     mlp fresh = base;
-    fresh.prepare(method::lora, best.rank, o.alpha_over_rank * static_cast<double>(best.rank), 0);
-    for (int i = 0; i < 3; ++i) {
-      auto& a = fresh.lora_layer(i).adapter("default");
-      const std::string prefix = "base_model.model.fc" + std::to_string(i + 1);
-      a.a() = f.read_matrix<float>(prefix + ".lora_A.weight");
-      a.b() = f.read_matrix<float>(prefix + ".lora_B.weight");
-    }
+    fresh.prepare_frozen();
+    lora::io::attach(loaded, fresh.named_layers(), "default");
     const ex::domain d = ex::parse_domain(best.domain);
     const mat x_test = ex::shift_domain(data.test_x, d);
     const double unmerged = fresh.accuracy(x_test, data.test_y);
     for (int i = 0; i < 3; ++i) fresh.lora_layer(i).merge();
     const double merged = fresh.accuracy(x_test, data.test_y);
-    std::printf("\nbest adapter: %s domain, rank %lld, saved to %s\n", best.domain.c_str(),
+    std::printf("\nbest adapter: %s domain, rank %lld, saved as a PEFT adapter in %s\n", best.domain.c_str(),
                 static_cast<long long>(best.rank), o.adapter_out.c_str());
     std::printf("reloaded into a fresh model: unmerged accuracy %.4f, merged accuracy %.4f (%s)\n", unmerged, merged,
                 merged == unmerged ? "equal" : "DIFFERENT");
