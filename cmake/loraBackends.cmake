@@ -13,8 +13,8 @@ function(lora_target_backends target)
   if(LORA_NATIVE AND NOT MSVC)
     target_compile_options(${target} PRIVATE -march=native)
     if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
-      # GCC 12 reports false "maybe uninitialized" values inside its own AVX-512 intrinsics that Eigen uses.
-      target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized)
+      # GCC 12 reports false (maybe-)uninitialized values inside its own AVX-512 intrinsics that Eigen uses.
+      target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized -Wno-uninitialized)
     endif()
   endif()
   if(LORA_USE_BLAS)
