@@ -1,0 +1,547 @@
+// lora/merged_linear.hpp: loralib's MergedLinear, one frozen fused projection (q | k | v) whose output
+// rows are split into k equal slices, with LoRA on the slices chosen by enable_lora.
+//
+//   Y[:, slice i] = X W_iᵀ + b_i + [enable_lora[i]] Σ_{a active, unmerged} s_a · (drop_a(X) A_{a,i}ᵀ) B_{a,i}ᵀ
+//
+// Shapes: W is out x in (or stored in x out, GPT-2's Conv1D / fan_in_fan_out), X is n x in, Y is n x out;
+// slice i is rows [i m, (i+1) m) of W with m = out / k; A_{a,i} is r x in, B_{a,i} is m x r. With
+// enable_lora = {true, false, true} a GPT-2 c_attn adapts q and v and leaves k frozen, as loralib does.
+//
+// Each slice is a lora::linear viewing its rows of the one fused weight (a block of the same memory: no
+// copy, no transposition), so forward, backward, dropout, exact merge/unmerge and accounting are linear's,
+// slice by slice. Merging adapter a writes s B_{a,i} A_{a,i} into the rows of slice i only. DoRA adapters
+// (use_dora) work too: DoRA's norm is per output row, so a slice's magnitudes are its rows' (as for PEFT
+// over the fused weight, restricted to the enabled slices).
+//
+// Differences from loralib, by design: loralib stores lora_A as one (r k') x in tensor and lora_B as one
+// (m k') x r tensor over the k' enabled slices; here slice i's factors are separate parameters, named
+// "<layer>.<i>.lora_A.<adapter>.weight" (stack them in slice order to get loralib's tensors). Each slice
+// draws its own initialisation and dropout mask from seed config.seed + i (loralib shares one mask). With a
+// single slice the slice linear is named "<layer>" itself.
+//
+// The same fused weight can also be adapted as one PEFT linear layer: lora::linear over it with
+// weight_layout::in_out gives one A (r x in) and one B (out x r) spanning q, k and v (PEFT's view of c_attn).
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "accounting.hpp"
+#include "adapter.hpp"
+#include "config.hpp"
+#include "detail/input_cache.hpp"
+#include "detail/layer_checks.hpp"
+#include "detail/row_blocks.hpp"
+#include "error.hpp"
+#include "linear.hpp"
+#include "parameter.hpp"
+
+namespace lora {
+
+template <typename Scalar_>
+class merged_linear {
+ public:
+  using Scalar = Scalar_;
+  using matrix_type = matrix<Scalar>;
+  using vector_type = vector<Scalar>;
+  using adapter_type = lora::adapter<Scalar>;
+  using slice_type = linear<Scalar>;
+  using row_major_matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  static_assert(std::is_floating_point_v<Scalar>, "lora::merged_linear needs a floating-point Scalar (float, double)");
+
+  // --- construction ------------------------------------------------------------------------------
+
+  /// Owns a copy of `weight` (out x in, or in x out with weight_layout::in_out). enable_lora has one entry
+  /// per slice; out must be divisible by its length.
+  template <typename Derived>
+  merged_linear(const Eigen::MatrixBase<Derived>& weight, std::vector<bool> enable_lora,
+                std::string name = "merged_linear", weight_layout layout = weight_layout::out_in);
+  /// Owns copies of `weight` and `bias` (length out).
+  template <typename Derived, typename BiasDerived>
+  merged_linear(const Eigen::MatrixBase<Derived>& weight, const Eigen::MatrixBase<BiasDerived>& bias,
+                std::vector<bool> enable_lora, std::string name = "merged_linear",
+                weight_layout layout = weight_layout::out_in);
+  /// Views a column-major weight in the user's memory (merge writes into it).
+  merged_linear(view_t, Eigen::Ref<matrix_type, 0, Eigen::OuterStride<>> weight, std::vector<bool> enable_lora,
+                std::string name = "merged_linear", weight_layout layout = weight_layout::out_in);
+  /// Views a row-major weight in the user's memory (merge writes into it).
+  merged_linear(view_t, Eigen::Ref<row_major_matrix, 0, Eigen::OuterStride<>> weight, std::vector<bool> enable_lora,
+                std::string name = "merged_linear", weight_layout layout = weight_layout::out_in);
+  // Slices view the owned weight's heap block, which a move hands over intact; a copy would not.
+  merged_linear(merged_linear&&) = default;
+  merged_linear& operator=(merged_linear&&) = default;
+  merged_linear(const merged_linear&) = delete;
+  merged_linear& operator=(const merged_linear&) = delete;
+
+  /// Sets (copies) the frozen bias, length out.
+  template <typename BiasDerived>
+  void set_bias(const Eigen::MatrixBase<BiasDerived>& bias);
+
+  // --- shape and weight access -------------------------------------------------------------------
+
+  const std::string& name() const noexcept { return m_name; }
+  index in_features() const noexcept { return m_in; }
+  index out_features() const noexcept { return m_slice_out * num_slices(); }
+  index num_slices() const noexcept { return static_cast<index>(m_slices.size()); }
+  /// Rows per slice, out / k.
+  index slice_features() const noexcept { return m_slice_out; }
+  const std::vector<bool>& enable_lora() const noexcept { return m_enabled; }
+  bool is_view() const noexcept { return m_owned.size() == 0; }
+  /// The frozen weight (including merged adapters) as a fresh out x in matrix.
+  matrix_type weight() const;
+  /// Slice i as a lora::linear over its rows of the fused weight (for inspection, DoRA-free extensions).
+  const slice_type& slice(index i) const { return m_slices.at(static_cast<std::size_t>(i)); }
+
+  // --- adapters ----------------------------------------------------------------------------------
+
+  /// Adds an adapter to every enabled slice (slice i seeded with config.seed + i). config_error when no
+  /// slice is enabled; otherwise as linear::add_adapter.
+  void add_adapter(const std::string& name, const adapter_config& config = {});
+  void remove_adapter(const std::string& name);
+  bool has_adapter(const std::string& name) const { return reference().has_adapter(name); }
+  /// The factors of adapter `name` on slice i (A: r x in, B: m x r); shape_error for a disabled slice.
+  adapter_type& adapter(const std::string& name, index slice);
+  const adapter_type& adapter(const std::string& name, index slice) const;
+  std::vector<std::string> adapter_names() const { return reference().adapter_names(); }
+  void set_active(const std::vector<std::string>& names);
+  const std::vector<std::string>& active_adapters() const noexcept { return reference().active_adapters(); }
+  void disable_adapters();
+  void enable_adapters();
+  bool adapters_disabled() const noexcept { return reference().adapters_disabled(); }
+
+  // --- training ----------------------------------------------------------------------------------
+
+  void train(bool on = true);
+  void eval() { train(false); }
+  bool training() const noexcept { return m_slices.front().training(); }
+
+  /// Training forward: returns Y (n x out) and caches a view of X (X must outlive backward).
+  template <typename Derived>
+  matrix_type forward(const Eigen::MatrixBase<Derived>& x);
+  /// Training forward taking ownership of X (safe for temporaries).
+  matrix_type forward(matrix_type&& x);
+  /// Training forward into a caller-sized y (n x out).
+  template <typename Derived>
+  void forward(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y);
+
+  /// Backward: accumulates every slice's dA, dB and returns dX = Σ_i dX_i (n x in).
+  template <typename Derived>
+  matrix_type backward(const Eigen::MatrixBase<Derived>& dy);
+  template <typename Derived>
+  void backward(const Eigen::MatrixBase<Derived>& dy, Eigen::Ref<matrix_type> dx);
+  /// Backward for the adapters' gradients only (no dX GEMMs).
+  template <typename Derived>
+  void backward_params_only(const Eigen::MatrixBase<Derived>& dy);
+
+  /// Trainable parameters of the active, unmerged adapters, slice by slice.
+  parameter_list<Scalar> parameters();
+  parameter_list<Scalar> parameters(const std::string& adapter_name);
+  void zero_grad();
+
+  // --- inference ---------------------------------------------------------------------------------
+
+  template <typename Derived>
+  void infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const;
+  template <typename Derived>
+  matrix_type infer(const Eigen::MatrixBase<Derived>& x) const;
+
+  // --- merging -----------------------------------------------------------------------------------
+
+  /// W[slice i] += Σ s B_i A_i over `names` (default: the active, unmerged adapters), on every enabled
+  /// slice (DoRA adapters as linear::merge merges them). With safe = true, a merge that would put a
+  /// non-finite value in any slice throws numeric_error and leaves every slice as it was.
+  void merge(const std::vector<std::string>& names = {}, bool safe = false);
+  void safe_merge(const std::vector<std::string>& names = {}) { merge(names, true); }
+  /// Undoes every merge, restoring W bit for bit.
+  void unmerge();
+  std::vector<std::string> merged_adapters() const { return reference().merged_adapters(); }
+  bool merged() const noexcept { return reference().merged(); }
+  /// Merges the active adapters, removes every adapter and returns the merged weight (out x in).
+  matrix_type merge_and_unload(bool safe = false);
+
+  // --- accounting --------------------------------------------------------------------------------
+
+  parameter_report report() const;
+
+ private:
+  std::string where() const { return "merged_linear '" + m_name + "'"; }
+  /// Checks enable_lora against out and builds one view linear per slice over `stored`, the memory of W
+  /// (out x in) or, with in_out, of Wᵀ (in x out).
+  template <typename StoredRef>
+  void make_slices(StoredRef stored, weight_layout layout);
+  /// The first enabled slice (any slice when none is): adapter names and states are the same on all.
+  const slice_type& reference() const;
+  template <typename F>
+  void for_each_enabled(F&& f);
+  /// The parameters get(slice) hands out, slice after enabled slice.
+  template <typename Get>
+  parameter_list<Scalar> collect(Get&& get);
+  void check_input(index rows, index cols) const;
+  void check_enabled(index slice) const;
+  /// The training forward once X is bound.
+  void run_forward(Eigen::Ref<matrix_type> y);
+  void run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<matrix_type>* dx);
+
+  std::string m_name;
+  index m_in = 0, m_slice_out = 0;
+  std::vector<bool> m_enabled;
+  matrix_type m_owned;  // the fused weight as given, when owned; empty for a view
+  std::vector<slice_type> m_slices;
+  detail::input_cache<Scalar> m_x;
+  bool m_has_cache = false;
+  matrix_type m_dx_slice;                               // n x in workspace
+  std::vector<std::vector<std::string>> m_merge_calls;  // what each merge() call merged, to replay
+};
+
+// ---------------------------------------------------------------------------------------------------
+// construction
+
+template <typename Scalar>
+template <typename StoredRef>
+void merged_linear<Scalar>::make_slices(StoredRef stored, weight_layout layout) {
+  const bool in_out = layout == weight_layout::in_out;
+  const index out = in_out ? stored.cols() : stored.rows();
+  m_in = in_out ? stored.rows() : stored.cols();
+  const auto k = static_cast<index>(m_enabled.size());
+  if (k == 0) throw config_error(where() + ": enable_lora must have one entry per slice, got an empty list");
+  if (out == 0 || m_in == 0 || out % k != 0)
+    throw shape_error(detail::cat(where(), ": expected out_features divisible by len(enable_lora) = ", k,
+                                  " and a non-empty weight, got ", detail::shape_str(out, m_in), " (out x in)"));
+  m_slice_out = out / k;
+  m_slices = detail::row_blocks<Scalar>(stored, layout, k, m_name);
+}
+
+template <typename Scalar>
+template <typename Derived>
+merged_linear<Scalar>::merged_linear(const Eigen::MatrixBase<Derived>& weight, std::vector<bool> enable_lora,
+                                     std::string name, weight_layout layout)
+    : m_name(std::move(name)), m_enabled(std::move(enable_lora)), m_owned(weight) {
+  detail::expect_same_scalar<Scalar, typename Derived::Scalar>();
+  make_slices(Eigen::Ref<matrix_type, 0, Eigen::OuterStride<>>(m_owned), layout);
+}
+
+template <typename Scalar>
+template <typename Derived, typename BiasDerived>
+merged_linear<Scalar>::merged_linear(const Eigen::MatrixBase<Derived>& weight,
+                                     const Eigen::MatrixBase<BiasDerived>& bias, std::vector<bool> enable_lora,
+                                     std::string name, weight_layout layout)
+    : merged_linear(weight, std::move(enable_lora), std::move(name), layout) {
+  set_bias(bias);
+}
+
+template <typename Scalar>
+merged_linear<Scalar>::merged_linear(view_t, Eigen::Ref<matrix_type, 0, Eigen::OuterStride<>> weight,
+                                     std::vector<bool> enable_lora, std::string name, weight_layout layout)
+    : m_name(std::move(name)), m_enabled(std::move(enable_lora)) {
+  make_slices(weight, layout);
+}
+
+template <typename Scalar>
+merged_linear<Scalar>::merged_linear(view_t, Eigen::Ref<row_major_matrix, 0, Eigen::OuterStride<>> weight,
+                                     std::vector<bool> enable_lora, std::string name, weight_layout layout)
+    : m_name(std::move(name)), m_enabled(std::move(enable_lora)) {
+  make_slices(weight, layout);
+}
+
+template <typename Scalar>
+template <typename BiasDerived>
+void merged_linear<Scalar>::set_bias(const Eigen::MatrixBase<BiasDerived>& bias) {
+  if (bias.size() != out_features() || (bias.rows() != 1 && bias.cols() != 1))
+    throw shape_error(detail::cat(where(), ": bias must be a vector of length out_features = ", out_features(),
+                                  ", got ", detail::shape_str(bias.rows(), bias.cols())));
+  const vector_type b = bias.reshaped();
+  for (index i = 0; i < num_slices(); ++i)
+    m_slices[static_cast<std::size_t>(i)].set_bias(b.segment(i * m_slice_out, m_slice_out));
+}
+
+template <typename Scalar>
+typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::weight() const {
+  matrix_type w(out_features(), m_in);
+  for (index i = 0; i < num_slices(); ++i) w.middleRows(i * m_slice_out, m_slice_out) = slice(i).weight();
+  return w;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// adapters
+
+template <typename Scalar>
+const typename merged_linear<Scalar>::slice_type& merged_linear<Scalar>::reference() const {
+  for (std::size_t i = 0; i < m_slices.size(); ++i)
+    if (m_enabled[i]) return m_slices[i];
+  return m_slices.front();
+}
+
+template <typename Scalar>
+template <typename F>
+void merged_linear<Scalar>::for_each_enabled(F&& f) {
+  for (std::size_t i = 0; i < m_slices.size(); ++i)
+    if (m_enabled[i]) f(m_slices[i], static_cast<index>(i));
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::check_enabled(index slice) const {
+  if (slice < 0 || slice >= num_slices() || !m_enabled[static_cast<std::size_t>(slice)])
+    throw shape_error(
+        detail::cat(where(), ": expected a slice in [0, ", num_slices(), ") with enable_lora set, got slice ", slice));
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::add_adapter(const std::string& name, const adapter_config& config) {
+  m_has_cache = false;
+  if (std::find(m_enabled.begin(), m_enabled.end(), true) == m_enabled.end())
+    throw config_error(where() + ": no slice has enable_lora set, so there is nothing to adapt");
+  // The first enabled slice validates the name and config (and throws) before any slice changes; the
+  // slices hold the same adapters, so the others then accept the same call.
+  for_each_enabled([&](slice_type& s, index i) {
+    adapter_config c = config;
+    c.seed = config.seed + static_cast<std::uint64_t>(i);
+    s.add_adapter(name, c);
+  });
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::remove_adapter(const std::string& name) {
+  m_has_cache = false;
+  reference().adapter(name);  // name_error before any slice changes
+  for_each_enabled([&](slice_type& s, index) { s.remove_adapter(name); });
+}
+
+template <typename Scalar>
+typename merged_linear<Scalar>::adapter_type& merged_linear<Scalar>::adapter(const std::string& name, index slice) {
+  check_enabled(slice);
+  return m_slices[static_cast<std::size_t>(slice)].adapter(name);
+}
+
+template <typename Scalar>
+const typename merged_linear<Scalar>::adapter_type& merged_linear<Scalar>::adapter(const std::string& name,
+                                                                                   index slice) const {
+  check_enabled(slice);
+  return m_slices[static_cast<std::size_t>(slice)].adapter(name);
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::set_active(const std::vector<std::string>& names) {
+  m_has_cache = false;
+  // The first enabled slice validates (and throws) before any other changes.
+  for_each_enabled([&](slice_type& s, index) { s.set_active(names); });
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::disable_adapters() {
+  m_has_cache = false;
+  for_each_enabled([&](slice_type& s, index) { s.disable_adapters(); });
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::enable_adapters() {
+  m_has_cache = false;
+  for_each_enabled([&](slice_type& s, index) { s.enable_adapters(); });
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::train(bool on) {
+  for (auto& s : m_slices) s.train(on);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// forward and backward
+
+template <typename Scalar>
+void merged_linear<Scalar>::check_input(index rows, index cols) const {
+  if (cols != m_in)
+    throw shape_error(detail::cat(where(), ": input X must have in_features = ", m_in, " columns (n x ", m_in,
+                                  "), got ", detail::shape_str(rows, cols)));
+}
+
+template <typename Scalar>
+template <typename Derived>
+typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::forward(const Eigen::MatrixBase<Derived>& x) {
+  matrix_type y(x.rows(), out_features());
+  forward(x, y);
+  return y;
+}
+
+template <typename Scalar>
+typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::forward(matrix_type&& x) {
+  check_input(x.rows(), x.cols());
+  matrix_type y(x.rows(), out_features());
+  m_x.bind_owned(std::move(x));
+  run_forward(y);
+  return y;
+}
+
+template <typename Scalar>
+template <typename Derived>
+void merged_linear<Scalar>::forward(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y) {
+  detail::expect_same_scalar<Scalar, typename Derived::Scalar>();
+  check_input(x.rows(), x.cols());
+  detail::expect_shape(where(), "output Y", x.rows(), out_features(), y.rows(), y.cols());
+  m_x.bind(x);  // one view (or one copy of an expression) that every slice then views
+  run_forward(y);
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::run_forward(Eigen::Ref<matrix_type> y) {
+  m_x.visit([&](const auto& x) {
+    for (index i = 0; i < num_slices(); ++i)
+      m_slices[static_cast<std::size_t>(i)].forward(x, y.middleCols(i * m_slice_out, m_slice_out));
+  });
+  m_has_cache = true;
+}
+
+template <typename Scalar>
+template <typename Derived>
+typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::backward(const Eigen::MatrixBase<Derived>& dy) {
+  matrix_type dx(dy.rows(), m_in);
+  backward(dy, dx);
+  return dx;
+}
+
+template <typename Scalar>
+template <typename Derived>
+void merged_linear<Scalar>::backward(const Eigen::MatrixBase<Derived>& dy, Eigen::Ref<matrix_type> dx) {
+  detail::expect_same_scalar<Scalar, typename Derived::Scalar>();
+  detail::expect_shape(where(), "dX", dy.rows(), m_in, dx.rows(), dx.cols());
+  run_backward(dy, &dx);
+}
+
+template <typename Scalar>
+template <typename Derived>
+void merged_linear<Scalar>::backward_params_only(const Eigen::MatrixBase<Derived>& dy) {
+  detail::expect_same_scalar<Scalar, typename Derived::Scalar>();
+  run_backward(dy, nullptr);
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<matrix_type>* dx) {
+  detail::expect_forward_cache(where(), m_has_cache);
+  detail::expect_shape(where(), "dY", m_x.rows(), out_features(), dy.rows(), dy.cols(),
+                       " (the forward's n x out_features)");
+  // dX = Σ_i dY[:, slice i] W_i (+ slice i's adapter terms).
+  for (index i = 0; i < num_slices(); ++i) {
+    slice_type& s = m_slices[static_cast<std::size_t>(i)];
+    const auto dy_i = dy.middleCols(i * m_slice_out, m_slice_out);
+    if (!dx) {
+      s.backward_params_only(dy_i);
+    } else if (i == 0) {
+      s.backward(dy_i, *dx);
+    } else {
+      m_dx_slice.resize(dy.rows(), m_in);
+      s.backward(dy_i, m_dx_slice);
+      *dx += m_dx_slice;
+    }
+  }
+  m_has_cache = false;
+  m_x.clear();
+}
+
+template <typename Scalar>
+parameter_list<Scalar> merged_linear<Scalar>::parameters() {
+  return collect([](slice_type& s) { return s.parameters(); });
+}
+
+template <typename Scalar>
+parameter_list<Scalar> merged_linear<Scalar>::parameters(const std::string& adapter_name) {
+  return collect([&](slice_type& s) { return s.parameters(adapter_name); });
+}
+
+template <typename Scalar>
+template <typename Get>
+parameter_list<Scalar> merged_linear<Scalar>::collect(Get&& get) {
+  parameter_list<Scalar> out;
+  for_each_enabled([&](slice_type& s, index) {
+    auto ps = get(s);
+    out.insert(out.end(), ps.begin(), ps.end());
+  });
+  return out;
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::zero_grad() {
+  for (auto& s : m_slices) s.zero_grad();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// inference
+
+template <typename Scalar>
+template <typename Derived>
+void merged_linear<Scalar>::infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y,
+                                  inference_workspace<Scalar>& ws) const {
+  check_input(x.rows(), x.cols());
+  detail::expect_shape(where(), "output Y", x.rows(), out_features(), y.rows(), y.cols());
+  detail::input_cache<Scalar> view;  // a view for matrices, maps and blocks; one copy for other expressions
+  view.bind(x);
+  view.visit([&](const auto& xv) {
+    for (index i = 0; i < num_slices(); ++i) slice(i).infer(xv, y.middleCols(i * m_slice_out, m_slice_out), ws);
+  });
+}
+
+template <typename Scalar>
+template <typename Derived>
+typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::infer(const Eigen::MatrixBase<Derived>& x) const {
+  matrix_type y(x.rows(), out_features());
+  inference_workspace<Scalar> ws;
+  infer(x, y, ws);
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// merging
+
+template <typename Scalar>
+void merged_linear<Scalar>::merge(const std::vector<std::string>& names, bool safe) {
+  m_has_cache = false;
+  const std::vector<std::string> before = merged_adapters();
+  std::vector<slice_type*> merged_now;
+  try {
+    // The first enabled slice validates the names (and throws) before any slice changes.
+    for_each_enabled([&](slice_type& s, index) {
+      s.merge(names, safe);
+      merged_now.push_back(&s);
+    });
+  } catch (...) {
+    // A slice refused (safe merge, non-finite result) and left its weight unchanged. The slices this call
+    // merged go back bit for bit: unmerge everything, then replay the earlier merge calls in order.
+    for (slice_type* s : merged_now) {
+      s->unmerge();
+      for (const auto& call : m_merge_calls) s->merge(call);
+    }
+    throw;
+  }
+  std::vector<std::string> added;
+  for (const auto& n : merged_adapters())
+    if (std::find(before.begin(), before.end(), n) == before.end()) added.push_back(n);
+  if (!added.empty()) m_merge_calls.push_back(std::move(added));
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::unmerge() {
+  m_has_cache = false;
+  for_each_enabled([&](slice_type& s, index) { s.unmerge(); });
+  m_merge_calls.clear();
+}
+
+template <typename Scalar>
+typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::merge_and_unload(bool safe) {
+  merge({}, safe);  // all slices or none
+  for_each_enabled([&](slice_type& s, index) { s.merge_and_unload(); });
+  m_merge_calls.clear();
+  return weight();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// accounting
+
+template <typename Scalar>
+parameter_report merged_linear<Scalar>::report() const {
+  parameter_report r;
+  for (const auto& s : m_slices) r += s.report();
+  if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_x.owned_bytes());
+  return r;
+}
+
+}  // namespace lora
