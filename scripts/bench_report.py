@@ -35,8 +35,8 @@ def fmt(x, digits=3):
 
 def step_report(doc, out):
     ctx = doc.get("context", {})
-    out.append(f"Machine: {ctx.get('num_cpus')} CPUs at {ctx.get('mhz_per_cpu')} MHz, "
-               f"library build `{ctx.get('library_build_type')}`, run {ctx.get('date')}.\n")
+    out.append(f"Machine: {ctx.get('num_cpus')} CPUs at {ctx.get('mhz_per_cpu')} MHz, run {ctx.get('date')}; "
+               "both libraries call the same OpenBLAS on one thread.\n")
     out.append("| in | out | n | r | gemm2 ms | step ms | step/gemm2 | FLOP bound | libtorch ms | vs_libtorch |")
     out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     small_r, big_r, vs = [], [], []
