@@ -4,36 +4,14 @@
 #include <lora/optim/adam.hpp>
 #include <lora/optim/sgd.hpp>
 
-#include "support.hpp"
+#include "optim_support.hpp"
 
 namespace {
 
+using lora_test::expect_values;
+using lora_test::tensor;
+
 using lora::param_role;
-
-/// A trainable tensor owned by the test, exposed as a lora::parameter.
-template <typename Scalar>
-struct tensor {
-  lora::matrix<Scalar> value, grad;
-  explicit tensor(const std::vector<double>& v)
-      : value(Eigen::Map<const lora::vector<double>>(v.data(), static_cast<lora::index>(v.size())).cast<Scalar>()),
-        grad(lora::matrix<Scalar>::Zero(value.rows(), 1)) {}
-  lora::parameter<Scalar> view(std::string name, param_role role = param_role::dense) {
-    return {std::move(name), role, value.data(), grad.data(), value.rows(), value.cols()};
-  }
-  void set_grad(const std::vector<double>& g) {
-    for (std::size_t i = 0; i < g.size(); ++i) grad(static_cast<lora::index>(i)) = static_cast<Scalar>(g[i]);
-  }
-};
-
-template <typename Scalar>
-void expect_values(const tensor<Scalar>& t, const std::vector<double>& expected) {
-  ASSERT_EQ(t.value.size(), static_cast<lora::index>(expected.size()));
-  for (std::size_t i = 0; i < expected.size(); ++i) {
-    EXPECT_NEAR(static_cast<double>(t.value(static_cast<lora::index>(i))), expected[i],
-                lora_test::tolerance<Scalar>() * std::max(1.0, std::abs(expected[i])))
-        << "element " << i;
-  }
-}
 
 /// Runs `opt` over the gradient sequence, checking the parameter after every step.
 template <typename Scalar>
