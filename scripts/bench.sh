@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh libtorch-dev python3
 cmake --preset release -DLORA_BUILD_BENCHMARKS=ON -DLORA_WITH_TORCH=ON >/dev/null
-cmake --build --preset release -j "$(nproc)" --target bench_step bench_linear bench_memory
+cmake --build --preset release -j "$(nproc)" --target bench_step bench_linear bench_memory bench_layers
 out=benchmarks/results
 mkdir -p "$out"
 filter=.
@@ -22,6 +22,7 @@ run() {  # run NAME ARGS...: JSON to $out/NAME.json, console to stderr
 run bench_step --benchmark_repetitions=3 --benchmark_report_aggregates_only=true --benchmark_filter="$filter"
 run bench_linear --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 run bench_memory
+run bench_layers --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 python3 scripts/bench_report.py "$out" > "$out/REPORT.md"
 if command -v gnuplot >/dev/null; then
   gnuplot "$out/memory_plot.gp" && echo "plot: $out/rank_vs_memory.png" >&2

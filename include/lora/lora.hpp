@@ -1,18 +1,23 @@
 // <lora/lora.hpp>: the core of the library. Needs nothing but Eigen.
 //
 //   lora::linear<Scalar>   a frozen linear layer with named LoRA adapters (train, infer, merge)
+//   lora::embedding, lora::merged_linear, lora::conv2d   the same for embeddings, fused QKV, convolutions
 //   lora::adapter<Scalar>  one adapter's factors, gradients and hyper-parameters
 //   lora::parameter        the (value, grad) views optimizers work on
 //   lora::parameter_report trainable-parameter and memory accounting
 //   lora::error            the exception hierarchy
 //
-// Opt-in headers: <lora/optim.hpp> (optimizers, schedules, clipping), <lora/io/...> (files).
+// Opt-in headers: <lora/optim.hpp> (optimizers, schedules, clipping), <lora/init.hpp> (PiSSA, OLoRA:
+// Eigen's SVD and QR), <lora/io/...> (files; nlohmann/json).
 #pragma once
 
 #include "accounting.hpp"
 #include "adapter.hpp"
 #include "config.hpp"
+#include "conv2d.hpp"
+#include "embedding.hpp"
 #include "error.hpp"
 #include "linear.hpp"
+#include "merged_linear.hpp"
 #include "parameter.hpp"
 #include "random.hpp"
