@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 jobs=${LORA_JOBS:-$(nproc)}
-cmake --preset release -DLORA_BUILD_TESTS=OFF -DLORA_BUILD_BENCHMARKS=OFF >/dev/null
+cmake --preset release >/dev/null
 cmake --build --preset release -j "$jobs" --target fashion_mnist
 exec build/release/examples/fashion_mnist --json build/release/fashion_mnist_results.json "$@"
