@@ -6,6 +6,7 @@
 
 #include <Eigen/Core>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <lora/config.hpp>
@@ -32,6 +33,16 @@ double rel_error(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
   const double diff = (a.template cast<double>() - b.template cast<double>()).cwiseAbs().maxCoeff();
   const double scale = std::max(1.0, b.template cast<double>().cwiseAbs().maxCoeff());
   return diff / scale;
+}
+
+/// Same shape and the same bits (so +0 differs from -0, and NaNs compare by payload).
+template <typename A, typename B>
+bool bitwise_equal(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
+  using S = typename A::Scalar;
+  static_assert(std::is_same_v<S, typename B::Scalar>, "bitwise_equal compares matrices of one scalar type");
+  const lora::matrix<S> x = a, y = b;  // plain column-major copies, whatever the operands' layouts
+  return x.rows() == y.rows() && x.cols() == y.cols() &&
+         std::memcmp(x.data(), y.data(), sizeof(S) * static_cast<std::size_t>(x.size())) == 0;
 }
 
 /// rows x cols uniform in [-scale, scale), drawn from gen in storage order.

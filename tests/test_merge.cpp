@@ -8,15 +8,10 @@
 
 namespace {
 
+using lora_test::bitwise_equal;
 using lora_test::random_matrix;
 
 using lora::index;
-
-template <typename A, typename B>
-bool bitwise_equal(const A& a, const B& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename A::Scalar) * static_cast<std::size_t>(a.size())) == 0;
-}
 
 template <typename Scalar>
 lora::adapter_config random_config(index rank, double alpha, std::uint64_t seed) {
