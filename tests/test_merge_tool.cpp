@@ -14,38 +14,16 @@
 #include <string>
 #include <vector>
 
+#include "file_support.hpp"
 #include "support.hpp"
 
 namespace {
 
 namespace io = lora::io;
 using lora_test::expect_error;
+using lora_test::temp_dir;
 using mat = lora::matrix<double>;
 using vec = lora::vector<double>;
-
-class temp_dir {
- public:
-  temp_dir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "lora-merge-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    m_path = pattern;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(m_path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  std::string file(const std::string& name) const { return m_path + "/" + name; }
-  std::size_t entries() const {
-    std::size_t n = 0;
-    for (auto it = std::filesystem::directory_iterator(m_path); it != std::filesystem::directory_iterator(); ++it) ++n;
-    return n;
-  }
-
- private:
-  std::string m_path;
-};
 
 /// Deterministic, non-trivial values: entry k of a matrix is f(seed, k).
 mat filled(lora::index rows, lora::index cols, double seed) {

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "file_support.hpp"
 #include "support.hpp"
 
 namespace {
@@ -24,28 +25,9 @@ namespace {
 namespace io = lora::io;
 using bytes = std::vector<unsigned char>;
 using lora_test::expect_error;
+using lora_test::temp_dir;
 
 // --- helpers ---------------------------------------------------------------------------------------
-
-class temp_dir {
- public:
-  temp_dir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "lora-peft-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    m_path = pattern;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(m_path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  std::string file(const std::string& name) const { return m_path + "/" + name; }
-  const std::string& path() const { return m_path; }
-
- private:
-  std::string m_path;
-};
 
 void write_file(const std::string& path, const std::string& data) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

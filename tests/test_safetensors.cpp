@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "file_support.hpp"
 #include "support.hpp"
 
 namespace {
@@ -30,37 +31,9 @@ namespace io = lora::io;
 namespace detail = lora::io::detail;
 using bytes = std::vector<unsigned char>;
 using lora_test::expect_error;
+using lora_test::temp_dir;
 
 // --- helpers ---------------------------------------------------------------------------------------
-
-/// A fresh directory under the system temp directory, removed with everything in it.
-class temp_dir {
- public:
-  temp_dir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "lora-st-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    m_path = pattern;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(m_path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-
-  std::string file(const std::string& name) const { return m_path + "/" + name; }
-  const std::string& path() const { return m_path; }
-  /// Names of the entries in the directory (hidden ones included), sorted.
-  std::vector<std::string> list() const {
-    std::vector<std::string> names;
-    for (const auto& e : std::filesystem::directory_iterator(m_path)) names.push_back(e.path().filename().string());
-    std::sort(names.begin(), names.end());
-    return names;
-  }
-
- private:
-  std::string m_path;
-};
 
 void write_file(const std::string& path, const bytes& data) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
