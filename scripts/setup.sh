@@ -5,6 +5,7 @@ set -euo pipefail
 
 lora_packages=(
   cmake g++ ninja-build pkg-config
+  ccache                   # rebuilds of unchanged translation units are free (CI runs on a kept machine)
   libeigen3-dev            # the only dependency of <lora/lora.hpp>
   libopenblas-dev          # optional GEMM back end of our own programs (LORA_USE_BLAS, release preset)
   libgtest-dev googletest  # tests
