@@ -55,8 +55,9 @@ lora::matrix<Scalar> random_matrix(lora::rng& gen, lora::index rows, lora::index
 
 /// Central finite differences of a scalar function of a matrix: d f / d p(i,j) approximated by
 /// (f(p + h e_ij) - f(p - h e_ij)) / 2h, restoring p afterwards. Error O(h^2); use in double.
-inline lora::matrix<double> numeric_gradient(lora::matrix<double>& p, const std::function<double()>& f,
-                                             double h = 1e-6) {
+/// `p` is any writable view of a parameter: a matrix, or an adapter's factor view (a temporary).
+template <typename Param>
+lora::matrix<double> numeric_gradient(Param&& p, const std::function<double()>& f, double h = 1e-6) {
   lora::matrix<double> g(p.rows(), p.cols());
   for (lora::index j = 0; j < p.cols(); ++j) {
     for (lora::index i = 0; i < p.rows(); ++i) {

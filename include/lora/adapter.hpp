@@ -1,25 +1,33 @@
-// lora/adapter.hpp: one named low-rank adapter, dW = s * B A, with its hyper-parameters, its
-// factors, their gradients and the state its forward pass caches for backward.
+// lora/adapter.hpp: one named low-rank adapter, ΔW = s · B A, with its hyper-parameters, its factors,
+// their gradients and the state its forward pass caches for backward.
 //
-// Shapes (PyTorch orientation, see REFERENCE.md §1): A is r x in, B is out x r, the cache H = drop(X) Aᵀ
-// is n x r. Scaling s = alpha / r, or alpha / sqrt(r) with rsLoRA.
+// Shapes (docs/CONVENTIONS.md §orientation): A is r x in, B is out x r, the cache H = drop(X) Aᵀ is n x r.
+// Scaling s = alpha / r, or alpha / sqrt(r) with rsLoRA (§scaling).
+//
+// Factors are shape-safe: a(), b(), magnitude() and the gradients return views that read and write like
+// an Eigen::Map but never resize; assigning a matrix of another shape throws shape_error. Layers set whole
+// factors with set_factors(), which also re-derives a DoRA magnitude.
 #pragma once
 
+#include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "config.hpp"
 #include "error.hpp"
+#include "parameter.hpp"
 #include "random.hpp"
 
 namespace lora {
 
-/// How A and B start (REFERENCE.md §2).
+/// How A and B start (docs/CONVENTIONS.md §init). The layer kind picks the convention: dense layers
+/// follow PEFT's Linear, embeddings PEFT's Embedding.
 enum class init_method {
-  peft_default,  ///< A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a = sqrt(5)), B = 0.
-  gaussian,      ///< A ~ N(0, (1/r)^2), B = 0.
-  random_ab,     ///< A and B both random (A as peft_default, B ~ N(0, 1/r)): for tests; dW != 0.
+  peft_default,  ///< Dense: A ~ U(±1/√in) (kaiming-uniform, a = √5), B = 0. Embedding: A = 0, B ~ N(0, 1).
+  gaussian,      ///< Dense: A ~ N(0, (1/r)²), B = 0. Embedding: as peft_default.
+  random_ab,     ///< Both random (tests; ΔW ≠ 0). Dense: A as peft_default, B ~ N(0, 1/r). Embedding: N(0, 1).
   zeros,         ///< A = B = 0, for loading weights afterwards.
 };
 
@@ -29,9 +37,16 @@ struct adapter_config {
   double alpha = 8.0;       ///< lora_alpha > 0.
   double dropout = 0.0;     ///< Adapter-input dropout probability, in [0, 1).
   bool use_rslora = false;  ///< s = alpha / sqrt(r) instead of alpha / r.
-  bool use_dora = false;    ///< DoRA: a trainable magnitude per output row (see linear.hpp).
+  bool use_dora = false;    ///< DoRA: a trainable magnitude per output row (see dora.hpp).
   init_method init = init_method::peft_default;
   std::uint64_t seed = 0;  ///< Seeds the initialisation and the dropout stream.
+};
+
+/// Which PEFT module an adapter belongs to: it fixes the initialisation and the parameter names.
+enum class adapter_kind {
+  dense,      ///< Linear, Conv1D, Conv2d: "<layer>.lora_A.<adapter>.weight", "<layer>.lora_B.<adapter>.weight".
+  embedding,  ///< Embedding: "<layer>.lora_embedding_A.<adapter>", "<layer>.lora_embedding_B.<adapter>";
+              ///< dA is written sparsely (only the columns of the ids seen).
 };
 
 /// s = alpha / r, or alpha / sqrt(r) with rsLoRA.
@@ -42,66 +57,117 @@ inline double scaling_of(const adapter_config& c) {
 /// Throws config_error unless rank >= 1, alpha > 0 and finite, 0 <= dropout < 1. `where` names the layer.
 void validate(const adapter_config& c, const std::string& where);
 
+/// A fixed-shape view of a factor (A, B, the DoRA magnitude) or of a gradient. Reads and writes like an
+/// Eigen::Map; assigning (=, +=, -=) an operand of another shape throws shape_error instead of resizing.
+template <typename Plain>
+class factor_view : public Eigen::Map<Plain> {
+ public:
+  using base_type = Eigen::Map<Plain>;
+  using Scalar = typename Plain::Scalar;
+
+  factor_view(Scalar* data, index rows, index cols, const std::string& owner, const char* what)
+      : base_type(data, rows, cols), m_owner(&owner), m_what(what) {}
+  factor_view(const factor_view&) = default;
+
+  factor_view& operator=(const factor_view& other) { return assign(other, [](auto& l, const auto& r) { l = r; }); }
+  template <typename Other>
+  factor_view& operator=(const Eigen::DenseBase<Other>& other) {
+    return assign(other, [](auto& l, const auto& r) { l = r; });
+  }
+  template <typename Other>
+  factor_view& operator+=(const Eigen::DenseBase<Other>& other) {
+    return assign(other, [](auto& l, const auto& r) { l += r; });
+  }
+  template <typename Other>
+  factor_view& operator-=(const Eigen::DenseBase<Other>& other) {
+    return assign(other, [](auto& l, const auto& r) { l -= r; });
+  }
+
+ private:
+  template <typename Other, typename Op>
+  factor_view& assign(const Eigen::DenseBase<Other>& other, Op&& op);
+
+  const std::string* m_owner;  // the adapter's label, for messages
+  const char* m_what;          // "A (r x in)", ...
+};
+
 template <typename Scalar_>
 class linear;
+template <typename Scalar_>
+class embedding;
 
-/// One adapter of a layer. Created by a layer (add_adapter); exposes its factors and gradients.
+/// One adapter of a layer. Created by a layer (add_adapter); exposes fixed-shape views of its factors and
+/// gradients. Layers reach the caches below through friendship: they are not part of the public API.
 template <typename Scalar_>
 class adapter {
  public:
   using Scalar = Scalar_;
   using matrix_type = matrix<Scalar>;
+  using vector_type = vector<Scalar>;
+  using matrix_view = factor_view<matrix_type>;
+  using vector_view = factor_view<vector_type>;
 
-  adapter(std::string name, const adapter_config& config, index in, index out);
+  /// A (r x in) and B (out x r) drawn from config.seed by the convention of `kind`. `label` names the
+  /// adapter in messages ("linear 'q' adapter 'a'").
+  adapter(std::string name, const adapter_config& config, index in, index out, adapter_kind kind, std::string label);
 
   const std::string& name() const noexcept { return m_name; }
   const adapter_config& config() const noexcept { return m_config; }
+  adapter_kind kind() const noexcept { return m_kind; }
   index rank() const noexcept { return m_config.rank; }
+  index in_features() const noexcept { return m_a.cols(); }
+  index out_features() const noexcept { return m_b.rows(); }
   Scalar scaling() const noexcept { return m_scaling; }
   bool merged() const noexcept { return m_merged; }
+  bool is_dora() const noexcept { return m_config.use_dora; }
 
-  matrix_type& a() noexcept { return m_a; }  ///< r x in
-  matrix_type& b() noexcept { return m_b; }  ///< out x r
-  const matrix_type& a() const noexcept { return m_a; }
-  const matrix_type& b() const noexcept { return m_b; }
-  matrix_type& grad_a() noexcept { return m_grad_a; }
-  matrix_type& grad_b() noexcept { return m_grad_b; }
+  matrix_view a() { return view(m_a, "A (rank x in_features)"); }
+  matrix_view b() { return view(m_b, "B (out_features x rank)"); }
+  const matrix_type& a() const noexcept { return m_a; }  ///< r x in
+  const matrix_type& b() const noexcept { return m_b; }  ///< out x r
+  matrix_view grad_a() { return view(m_grad_a, "dA (rank x in_features)"); }
+  matrix_view grad_b() { return view(m_grad_b, "dB (out_features x rank)"); }
   const matrix_type& grad_a() const noexcept { return m_grad_a; }
   const matrix_type& grad_b() const noexcept { return m_grad_b; }
-  /// DoRA magnitude m (length out) and its gradient; empty unless config().use_dora.
-  vector<Scalar>& magnitude() noexcept { return m_magnitude; }
-  const vector<Scalar>& magnitude() const noexcept { return m_magnitude; }
-  vector<Scalar>& grad_magnitude() noexcept { return m_grad_magnitude; }
-  const vector<Scalar>& grad_magnitude() const noexcept { return m_grad_magnitude; }
-  bool is_dora() const noexcept { return m_config.use_dora; }
+  /// DoRA magnitude m (length out) and its gradient; empty unless is_dora().
+  vector_view magnitude() { return view(m_magnitude, "magnitude (out_features)"); }
+  vector_view grad_magnitude() { return view(m_grad_magnitude, "dm (out_features)"); }
+  const vector_type& magnitude() const noexcept { return m_magnitude; }
+  const vector_type& grad_magnitude() const noexcept { return m_grad_magnitude; }
 
   /// The dropout stream; its state belongs in checkpoints for bit-identical resumption.
   rng& dropout_rng() noexcept { return m_dropout_rng; }
-
   /// Sets dropout probability (0 <= p < 1); takes effect on the next forward.
   void set_dropout(double p);
-
-  /// Fills A and B according to config().init, drawing from a stream seeded by config().seed.
+  /// Redraws A and B from config().seed by the layer kind's convention (a DoRA magnitude is left as is).
   void reset_parameters();
-
-  /// Zeroes the gradients of A and B.
-  void zero_grad() {
-    m_grad_a.setZero();
-    m_grad_b.setZero();
-    m_grad_magnitude.setZero();
-  }
+  /// Zeroes the gradients (for an embedding adapter, only the columns of dA that backward wrote).
+  void zero_grad();
+  /// The (value, grad) views of A, B (and m), named as PEFT names them under `layer` (adapter_kind).
+  parameter_list<Scalar> parameters(const std::string& layer);
 
  private:
   friend class linear<Scalar>;
+  friend class embedding<Scalar>;
 
-  std::string m_name;
+  template <typename Plain>
+  factor_view<Plain> view(Plain& m, const char* what) {
+    return factor_view<Plain>(m.data(), m.rows(), m.cols(), m_label, what);
+  }
+  /// Embedding adapters: records that backward wrote column `id` of dA.
+  void touch(index id);
+
+  std::string m_name, m_label;
   adapter_config m_config;
+  adapter_kind m_kind;
   Scalar m_scaling;
-  matrix_type m_a, m_b;                          // r x in, out x r
-  matrix_type m_grad_a, m_grad_b;                // same shapes
-  vector<Scalar> m_magnitude, m_grad_magnitude;  // DoRA: out
-  vector<Scalar> m_dora_norm;  // DoRA: ‖W + s B A‖ per output row, from the cached forward (a constant)
-  matrix_type m_h;             // n x r cache: drop(X) Aᵀ from the last training forward
+  matrix_type m_a, m_b;                        // r x in, out x r
+  matrix_type m_grad_a, m_grad_b;              // same shapes
+  vector_type m_magnitude, m_grad_magnitude;   // DoRA: out
+  vector_type m_dora_norm;                     // DoRA: ‖W + s B A‖ per output row, from the cached forward
+  matrix_type m_h;                             // n x r cache: drop(X) Aᵀ from the last training forward
+  std::vector<index> m_touched;                // embedding: columns of dA written since zero_grad()
+  std::vector<std::uint8_t> m_marked;          // embedding: in = num flags, id is in m_touched
   rng m_dropout_rng;
   rng::state_type m_mask_state{};  // dropout stream state when the cached mask was drawn
   bool m_merged = false;
@@ -119,10 +185,28 @@ inline void validate(const adapter_config& c, const std::string& where) {
     throw config_error(detail::cat(where, ": dropout must be in [0, 1), got ", c.dropout));
 }
 
+template <typename Plain>
+template <typename Other, typename Op>
+factor_view<Plain>& factor_view<Plain>::assign(const Eigen::DenseBase<Other>& other, Op&& op) {
+  static_assert(std::is_same_v<typename Other::Scalar, Scalar>,
+                "lora::factor_view: the operand's scalar type differs from the adapter's (mismatched dtypes); "
+                "cast it with .template cast<Scalar>()");
+  if (other.rows() != this->rows() || other.cols() != this->cols())
+    throw shape_error(detail::cat(*m_owner, ": ", m_what, " must stay ", detail::shape_str(this->rows(), this->cols()),
+                                  ", got ", detail::shape_str(other.rows(), other.cols()),
+                                  " (factors never resize; add a new adapter for another rank)"));
+  base_type& self = *this;
+  op(self, other.derived());
+  return *this;
+}
+
 template <typename Scalar>
-adapter<Scalar>::adapter(std::string name, const adapter_config& config, index in, index out)
+adapter<Scalar>::adapter(std::string name, const adapter_config& config, index in, index out, adapter_kind kind,
+                         std::string label)
     : m_name(std::move(name)),
+      m_label(std::move(label)),
       m_config(config),
+      m_kind(kind),
       m_scaling(static_cast<Scalar>(scaling_of(config))),
       m_a(config.rank, in),
       m_b(out, config.rank),
@@ -136,7 +220,7 @@ template <typename Scalar>
 void adapter<Scalar>::set_dropout(double p) {
   adapter_config c = m_config;
   c.dropout = p;
-  validate(c, "adapter '" + m_name + "'");
+  validate(c, m_label);
   m_config.dropout = p;
 }
 
@@ -145,30 +229,87 @@ void adapter<Scalar>::reset_parameters() {
   rng gen(m_config.seed);
   const double in = static_cast<double>(m_a.cols());
   const double r = static_cast<double>(m_config.rank);
-  const double bound = 1.0 / std::sqrt(in);  // kaiming_uniform(a = sqrt(5)): gain * sqrt(3 / in) = 1 / sqrt(in)
+  const double bound = 1.0 / std::sqrt(in);  // kaiming_uniform(a = √5): gain · √(3 / in) = 1 / √in
   // Fills in storage order, so the values depend only on the seed and the shape.
   auto fill = [](matrix_type& m, auto&& draw) {
     for (index k = 0; k < m.size(); ++k) m.data()[k] = static_cast<Scalar>(draw());
   };
-  auto uniform_a = [&] { fill(m_a, [&] { return gen.uniform(-bound, bound); }); };
+  auto uniform = [&] { return gen.uniform(-bound, bound); };
+  auto normal = [&] { return gen.normal(); };
+  const bool dense = m_kind == adapter_kind::dense;
   switch (m_config.init) {
     case init_method::peft_default:
-      uniform_a();
-      m_b.setZero();
-      break;
     case init_method::gaussian:
-      fill(m_a, [&] { return gen.normal() / r; });
-      m_b.setZero();
+      if (!dense) {  // PEFT's Embedding: A = 0, B ~ N(0, 1)
+        m_a.setZero();
+        fill(m_b, normal);
+      } else {
+        if (m_config.init == init_method::gaussian) {
+          fill(m_a, [&] { return gen.normal() / r; });
+        } else {
+          fill(m_a, uniform);
+        }
+        m_b.setZero();
+      }
       break;
     case init_method::random_ab:
-      uniform_a();
-      fill(m_b, [&] { return gen.normal() / std::sqrt(r); });
+      if (dense) {
+        fill(m_a, uniform);
+        fill(m_b, [&] { return gen.normal() / std::sqrt(r); });
+      } else {
+        fill(m_a, normal);
+        fill(m_b, normal);
+      }
       break;
     case init_method::zeros:
       m_a.setZero();
       m_b.setZero();
       break;
   }
+}
+
+template <typename Scalar>
+void adapter<Scalar>::zero_grad() {
+  m_grad_b.setZero();
+  m_grad_magnitude.setZero();
+  if (m_kind == adapter_kind::dense) {
+    m_grad_a.setZero();
+    return;
+  }
+  for (const index id : m_touched) {  // O(touched · r), never O(num · r)
+    m_grad_a.col(id).setZero();
+    m_marked[static_cast<std::size_t>(id)] = 0;
+  }
+  m_touched.clear();
+}
+
+template <typename Scalar>
+void adapter<Scalar>::touch(index id) {
+  if (m_marked.empty()) m_marked.assign(static_cast<std::size_t>(m_a.cols()), 0);
+  auto& flag = m_marked[static_cast<std::size_t>(id)];
+  if (!flag) {
+    flag = 1;
+    m_touched.push_back(id);
+  }
+}
+
+template <typename Scalar>
+parameter_list<Scalar> adapter<Scalar>::parameters(const std::string& layer) {
+  const bool dense = m_kind == adapter_kind::dense;
+  auto param = [](std::string name, param_role role, auto& value, auto& grad) {
+    return parameter<Scalar>{std::move(name), role, value.data(), grad.data(), value.rows(), value.cols()};
+  };
+  parameter_list<Scalar> out;
+  if (dense) {
+    out.push_back(param(layer + ".lora_A." + m_name + ".weight", param_role::lora_a, m_a, m_grad_a));
+    out.push_back(param(layer + ".lora_B." + m_name + ".weight", param_role::lora_b, m_b, m_grad_b));
+  } else {
+    out.push_back(param(layer + ".lora_embedding_A." + m_name, param_role::lora_a, m_a, m_grad_a));
+    out.push_back(param(layer + ".lora_embedding_B." + m_name, param_role::lora_b, m_b, m_grad_b));
+  }
+  if (is_dora())
+    out.push_back(param(layer + ".lora_magnitude_vector." + m_name, param_role::vector, m_magnitude, m_grad_magnitude));
+  return out;
 }
 
 }  // namespace lora

@@ -39,6 +39,7 @@
 #include "detail/layer_checks.hpp"
 #include "detail/row_blocks.hpp"
 #include "error.hpp"
+#include "layer.hpp"
 #include "linear.hpp"
 #include "parameter.hpp"
 
@@ -89,9 +90,10 @@ void unfold(const conv_geometry& g, index n, ImagePtr xt, ColPtr col);
 }  // namespace detail
 
 template <typename Scalar_>
-class conv2d {
+class conv2d : public layer_base<conv2d<Scalar_>, Scalar_> {
  public:
   using Scalar = Scalar_;
+  using base_type = layer_base<conv2d<Scalar_>, Scalar_>;
   using matrix_type = matrix<Scalar>;
   using vector_type = vector<Scalar>;
   using adapter_type = lora::adapter<Scalar>;
@@ -141,27 +143,10 @@ class conv2d {
   /// The frozen kernel (including merged adapters) as a fresh O x C/g kh kw matrix.
   matrix_type weight() const;
 
-  // --- adapters (groups = 1) ---------------------------------------------------------------------
-
-  /// Adds an adapter: A (r x C kh kw) ~ PEFT's kaiming-uniform bound 1/sqrt(C kh kw), B (O x r) = 0 by
-  /// default (see adapter_config). config_error when groups > 1.
-  adapter_type& add_adapter(const std::string& name, const adapter_config& config = {});
-  void remove_adapter(const std::string& name);
-  bool has_adapter(const std::string& name) const { return m_groups.front().has_adapter(name); }
-  adapter_type& adapter(const std::string& name) { return m_groups.front().adapter(name); }
-  const adapter_type& adapter(const std::string& name) const { return m_groups.front().adapter(name); }
-  std::vector<std::string> adapter_names() const { return m_groups.front().adapter_names(); }
-  void set_active(const std::vector<std::string>& names);
-  const std::vector<std::string>& active_adapters() const noexcept { return m_groups.front().active_adapters(); }
-  void disable_adapters();
-  void enable_adapters();
-  bool adapters_disabled() const noexcept { return m_groups.front().adapters_disabled(); }
-
   // --- training ----------------------------------------------------------------------------------
-
-  void train(bool on = true);
-  void eval() { train(false); }
-  bool training() const noexcept { return m_groups.front().training(); }
+  // The adapter API comes from layer_base (groups = 1 only): A (r x C kh kw, PEFT's [r, C, kh, kw],
+  // kaiming-uniform bound 1/sqrt(C kh kw)) and B (O x r, PEFT's [O, r, 1, 1]), named
+  // "<layer>.lora_A.<adapter>.weight" and "<layer>.lora_B.<adapter>.weight".
 
   /// Training forward: returns Y (n x O Ho Wo) and caches Col for backward.
   template <typename Derived>
@@ -179,14 +164,6 @@ class conv2d {
   template <typename Derived>
   void backward_params_only(const Eigen::MatrixBase<Derived>& dy);
 
-  /// Trainable parameters of the active, unmerged adapters, "<layer>.lora_A.<adapter>.weight" (r x C kh kw,
-  /// PEFT's [r, C, kh, kw]) and "<layer>.lora_B.<adapter>.weight" (O x r, PEFT's [O, r, 1, 1]).
-  parameter_list<Scalar> parameters() { return m_groups.front().parameters(); }
-  parameter_list<Scalar> parameters(const std::string& adapter_name) {
-    return m_groups.front().parameters(adapter_name);
-  }
-  void zero_grad() { m_groups.front().zero_grad(); }
-
   // --- inference ---------------------------------------------------------------------------------
 
   template <typename Derived>
@@ -194,24 +171,24 @@ class conv2d {
   template <typename Derived>
   matrix_type infer(const Eigen::MatrixBase<Derived>& x) const;
 
-  // --- merging -----------------------------------------------------------------------------------
-
-  /// W += Σ s B A over `names` (default: the active, unmerged adapters); see linear::merge.
-  void merge(const std::vector<std::string>& names = {}, bool safe = false);
-  void safe_merge(const std::vector<std::string>& names = {}) { merge(names, true); }
-  /// Undoes every merge, restoring W bit for bit.
-  void unmerge();
-  std::vector<std::string> merged_adapters() const { return m_groups.front().merged_adapters(); }
-  bool merged() const noexcept { return m_groups.front().merged(); }
-  /// Merges the active adapters, removes every adapter and returns the merged kernel.
-  matrix_type merge_and_unload(bool safe = false);
-
-  // --- accounting --------------------------------------------------------------------------------
-
-  parameter_report report() const;
-
  private:
+  friend base_type;
+
+  // --- what layer_base asks of a layer: one part per group; only an ungrouped kernel takes adapters -
+  static constexpr bool multi_part = false;
+  static constexpr const char* part_noun = "group";
+  index num_parts() const noexcept { return static_cast<index>(m_groups.size()); }
+  linear<Scalar>& part(index i) { return m_groups[static_cast<std::size_t>(i)]; }
+  const linear<Scalar>& part(index i) const { return m_groups[static_cast<std::size_t>(i)]; }
+  bool takes_adapters(index) const noexcept { return m_options.groups == 1; }
   std::string where() const { return "conv2d '" + m_name + "'"; }
+  void on_adapters_changed() { m_has_cache = false; }
+  void check_adapter_config(const std::string& name, const adapter_config& config) const;
+  adapter_config part_config(const adapter_config& c, index) const { return c; }
+  void add_cache_bytes(parameter_report& r) const {
+    if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_col.size() * sizeof(Scalar));
+  }
+
   /// Checks the options against the kernel (O x cols) and sets m_geom.
   void set_geometry(index out, index cols);
   template <typename StoredRef>
@@ -410,44 +387,12 @@ typename conv2d<Scalar>::matrix_type conv2d<Scalar>::weight() const {
 // adapters
 
 template <typename Scalar>
-typename conv2d<Scalar>::adapter_type& conv2d<Scalar>::add_adapter(const std::string& name,
-                                                                   const adapter_config& config) {
+void conv2d<Scalar>::check_adapter_config(const std::string&, const adapter_config&) const {
   if (m_options.groups != 1)
     throw config_error(detail::cat(
         where(), ": expected groups = 1 for LoRA, got groups = ", m_options.groups,
         "; PEFT's grouped form (a full-channel lora_A with a grouped lora_B) cannot be merged into a grouped "
         "kernel, so this layer stays frozen"));
-  invalidate_cache();
-  return m_groups.front().add_adapter(name, config);
-}
-
-template <typename Scalar>
-void conv2d<Scalar>::remove_adapter(const std::string& name) {
-  invalidate_cache();
-  m_groups.front().remove_adapter(name);
-}
-
-template <typename Scalar>
-void conv2d<Scalar>::set_active(const std::vector<std::string>& names) {
-  invalidate_cache();
-  m_groups.front().set_active(names);
-}
-
-template <typename Scalar>
-void conv2d<Scalar>::disable_adapters() {
-  invalidate_cache();
-  m_groups.front().disable_adapters();
-}
-
-template <typename Scalar>
-void conv2d<Scalar>::enable_adapters() {
-  invalidate_cache();
-  m_groups.front().enable_adapters();
-}
-
-template <typename Scalar>
-void conv2d<Scalar>::train(bool on) {
-  for (auto& g : m_groups) g.train(on);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -581,36 +526,6 @@ typename conv2d<Scalar>::matrix_type conv2d<Scalar>::infer(const Eigen::MatrixBa
   conv2d_workspace<Scalar> ws;
   infer(x, y, ws);
   return y;
-}
-
-// ---------------------------------------------------------------------------------------------------
-// merging and accounting
-
-template <typename Scalar>
-void conv2d<Scalar>::merge(const std::vector<std::string>& names, bool safe) {
-  invalidate_cache();
-  m_groups.front().merge(names, safe);
-}
-
-template <typename Scalar>
-void conv2d<Scalar>::unmerge() {
-  invalidate_cache();
-  m_groups.front().unmerge();
-}
-
-template <typename Scalar>
-typename conv2d<Scalar>::matrix_type conv2d<Scalar>::merge_and_unload(bool safe) {
-  invalidate_cache();
-  m_groups.front().merge_and_unload(safe);
-  return weight();
-}
-
-template <typename Scalar>
-parameter_report conv2d<Scalar>::report() const {
-  parameter_report r;
-  for (const auto& g : m_groups) r += g.report();
-  if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_col.size() * sizeof(Scalar));
-  return r;
 }
 
 }  // namespace lora

@@ -19,8 +19,9 @@
 // wrote since the last zero_grad() are listed by touched_ids(); zero_grad() clears only those, so a step
 // costs O(n r + n dim r), never O(num r).
 //
-// Init (REFERENCE.md §2): A = 0, B ~ N(0, 1), so the layer starts equal to its base table. PEFT's
-// Embedding ignores lora_dropout; so does this layer.
+// Init (docs/CONVENTIONS.md §init): A = 0, B ~ N(0, 1), so the layer starts equal to its base table (the
+// adapters are adapter_kind::embedding). PEFT's Embedding ignores lora_dropout; so does this layer. The
+// adapter API (add/select/merge/parameters/report) comes from layer_base (layer.hpp).
 #pragma once
 
 #include <Eigen/Core>
@@ -35,9 +36,9 @@
 #include "config.hpp"
 #include "detail/layer_checks.hpp"
 #include "error.hpp"
+#include "layer.hpp"
 #include "linear.hpp"
 #include "parameter.hpp"
-#include "random.hpp"
 
 namespace lora {
 
@@ -53,9 +54,10 @@ void gather_rows(const Scalar* table, index id_step, index j_step, const std::ve
 }  // namespace detail
 
 template <typename Scalar_>
-class embedding {
+class embedding : public layer_base<embedding<Scalar_>, Scalar_> {
  public:
   using Scalar = Scalar_;
+  using base_type = layer_base<embedding<Scalar_>, Scalar_>;
   using matrix_type = matrix<Scalar>;
   using adapter_type = lora::adapter<Scalar>;
   using row_major_matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -71,40 +73,18 @@ class embedding {
   embedding(view_t, Eigen::Ref<row_major_matrix, 0, Eigen::OuterStride<>> table, std::string name = "embedding");
   /// Views a column-major table (num x dim) in the user's memory; merge writes into it.
   embedding(view_t, Eigen::Ref<matrix_type, 0, Eigen::OuterStride<>> table, std::string name = "embedding");
-  // The sparse states point into the table layer's adapter list, which a move hands over; a copy would not.
-  embedding(embedding&&) = default;
-  embedding& operator=(embedding&&) = default;
-  embedding(const embedding&) = delete;
-  embedding& operator=(const embedding&) = delete;
 
   // --- shape and table access --------------------------------------------------------------------
 
-  const std::string& name() const noexcept { return m_name; }
+  const std::string& name() const noexcept { return m_table.name(); }
   index num_embeddings() const noexcept { return m_table.in_features(); }
   index embedding_dim() const noexcept { return m_table.out_features(); }
   bool is_view() const noexcept { return m_table.is_view(); }
-  /// The frozen table (including merged adapters) as a fresh num x dim matrix.
-  matrix_type table() const { return m_table.weight().transpose(); }
+  /// The frozen table (including merged adapters) as a fresh num x dim matrix (nn.Embedding.weight).
+  matrix_type weight() const { return m_table.weight().transpose(); }
+  matrix_type table() const { return weight(); }
   /// The table as PEFT sees it: a linear layer with in = num, out = dim, stored in x out.
   const linear<Scalar>& as_linear() const noexcept { return m_table; }
-
-  // --- adapters ----------------------------------------------------------------------------------
-
-  /// Adds an adapter, A (r x num) and B (dim x r) drawn from config.seed: init_method::peft_default and
-  /// gaussian give PEFT's A = 0, B ~ N(0, 1); random_ab gives A, B ~ N(0, 1) (tests); zeros gives 0.
-  /// config.dropout is accepted and ignored, as in PEFT; use_dora is refused (config_error). The first
-  /// adapter becomes active.
-  adapter_type& add_adapter(const std::string& name, const adapter_config& config = {});
-  void remove_adapter(const std::string& name);
-  bool has_adapter(const std::string& name) const { return m_table.has_adapter(name); }
-  adapter_type& adapter(const std::string& name) { return m_table.adapter(name); }
-  const adapter_type& adapter(const std::string& name) const { return m_table.adapter(name); }
-  std::vector<std::string> adapter_names() const { return m_table.adapter_names(); }
-  void set_active(const std::vector<std::string>& names);
-  const std::vector<std::string>& active_adapters() const noexcept { return m_table.active_adapters(); }
-  void disable_adapters();
-  void enable_adapters();
-  bool adapters_disabled() const noexcept { return m_table.adapters_disabled(); }
 
   // --- training ----------------------------------------------------------------------------------
 
@@ -116,16 +96,8 @@ class embedding {
   /// the last forward. dY is n x dim.
   template <typename Derived>
   void backward(const Eigen::MatrixBase<Derived>& dy);
-
-  /// Trainable parameters of the active, unmerged adapters, named "<layer>.lora_embedding_A.<adapter>"
-  /// (r x num, role lora_a) and "<layer>.lora_embedding_B.<adapter>" (dim x r, role lora_b), PEFT's keys.
-  parameter_list<Scalar> parameters();
-  /// Parameters of one adapter; state_error if it is merged.
-  parameter_list<Scalar> parameters(const std::string& adapter_name);
-  /// Zeroes dB and the columns of dA listed by touched_ids(), then empties those lists.
-  void zero_grad();
   /// The ids whose column of dA backward has written since the last zero_grad(), in first-touch order.
-  const id_list& touched_ids(const std::string& adapter_name) const;
+  const id_list& touched_ids(const std::string& adapter_name) const { return this->adapter(adapter_name).m_touched; }
 
   // --- inference ---------------------------------------------------------------------------------
 
@@ -134,51 +106,33 @@ class embedding {
   void infer(const id_list& ids, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const;
   matrix_type infer(const id_list& ids) const;
 
-  // --- merging -----------------------------------------------------------------------------------
-
-  /// E += Σ s (B A)ᵀ over `names` (default: the active, unmerged adapters); see linear::merge.
-  void merge(const std::vector<std::string>& names = {}, bool safe = false);
-  void safe_merge(const std::vector<std::string>& names = {}) { merge(names, true); }
-  /// Undoes every merge, restoring E bit for bit.
-  void unmerge();
-  std::vector<std::string> merged_adapters() const { return m_table.merged_adapters(); }
-  bool merged() const noexcept { return m_table.merged(); }
-  /// Merges the active adapters, removes every adapter and returns the merged table (num x dim).
-  matrix_type merge_and_unload(bool safe = false);
-
-  // --- accounting --------------------------------------------------------------------------------
-
-  parameter_report report() const;
-
  private:
-  /// What the sparse path keeps per adapter beside linear's adapter object.
-  struct sparse_state {
-    adapter_type* adapter = nullptr;  // linear keeps adapters in a list: the pointer stays valid
-    matrix_type h;                    // n x r: (A[:, ids])ᵀ from the last training forward
-    bool in_cache = false;
-    id_list touched;                   // columns of dA written since zero_grad()
-    std::vector<std::uint8_t> marked;  // num flags, allocated at the first backward: id is in `touched`
-  };
+  friend base_type;
 
-  std::string where() const { return "embedding '" + m_name + "'"; }
-  sparse_state& state(const std::string& name);
-  const sparse_state& state(const std::string& name) const;
-  /// Active and unmerged: has parameters(); runs in forward unless adapters are disabled.
-  bool trainable(const adapter_type& a) const;
-  bool participates(const adapter_type& a) const { return !m_table.adapters_disabled() && trainable(a); }
+  // --- what layer_base asks of a layer: one part, the table seen as a linear ---------------------
+  static constexpr bool multi_part = false;
+  static constexpr const char* part_noun = "part";
+  index num_parts() const noexcept { return 1; }
+  linear<Scalar>& part(index) noexcept { return m_table; }
+  const linear<Scalar>& part(index) const noexcept { return m_table; }
+  bool takes_adapters(index) const noexcept { return true; }
+  std::string where() const { return "embedding '" + name() + "'"; }
+  void on_adapters_changed() { m_has_cache = false; }
+  void check_adapter_config(const std::string& adapter_name, const adapter_config& config) const;
+  adapter_config part_config(const adapter_config& c, index) const { return c; }
+  void add_cache_bytes(parameter_report& r) const {
+    if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_ids.size() * sizeof(index));
+  }
+
   void check_ids(const id_list& ids) const;
-  void invalidate_cache();
-  /// y = E[ids] + Σ s (A[:, ids])ᵀ Bᵀ; h_of(i, n, r) gives the n x r buffer that H of m_states[i] goes to.
-  template <typename HOf>
-  void lookup(const id_list& ids, Eigen::Ref<matrix_type> y, HOf&& h_of) const;
+  /// y = E[ids] + Σ s (A[:, ids])ᵀ Bᵀ; h_of(a, n, r) gives the n x r buffer that H of adapter a goes to.
+  /// Self is embedding or const embedding (training or inference).
+  template <typename Self, typename HOf>
+  static void lookup(Self& self, const id_list& ids, Eigen::Ref<matrix_type> y, HOf&& h_of);
   void run_backward(Eigen::Ref<const matrix_type> dy);
-  /// Draws the PEFT initialisation of a new adapter from its seed.
-  static void init_factors(adapter_type& a);
 
-  std::string m_name;
-  linear<Scalar> m_table;  // W = Eᵀ (dim x num): in = num, out = dim, stored in x out
-  std::vector<sparse_state> m_states;
-  id_list m_ids;  // the last training forward's ids
+  linear<Scalar> m_table;  // W = Eᵀ (dim x num): in = num, out = dim, stored in x out; embedding adapters
+  id_list m_ids;           // the last training forward's ids
   bool m_has_cache = false;
   matrix_type m_dh;  // n x r workspace
 };
@@ -208,108 +162,28 @@ void detail::gather_rows(const Scalar* table, index id_step, index j_step, const
 template <typename Scalar>
 template <typename Derived>
 embedding<Scalar>::embedding(const Eigen::MatrixBase<Derived>& table, std::string name)
-    : m_name(name), m_table(table, std::move(name), weight_layout::in_out) {}
+    : m_table(table, std::move(name), weight_layout::in_out) {
+  m_table.m_kind = adapter_kind::embedding;
+}
 
 template <typename Scalar>
 embedding<Scalar>::embedding(view_t, Eigen::Ref<row_major_matrix, 0, Eigen::OuterStride<>> table, std::string name)
-    : m_name(name), m_table(view, table, std::move(name), weight_layout::in_out) {}
+    : m_table(view, table, std::move(name), weight_layout::in_out) {
+  m_table.m_kind = adapter_kind::embedding;
+}
 
 template <typename Scalar>
 embedding<Scalar>::embedding(view_t, Eigen::Ref<matrix_type, 0, Eigen::OuterStride<>> table, std::string name)
-    : m_name(name), m_table(view, table, std::move(name), weight_layout::in_out) {}
-
-// ---------------------------------------------------------------------------------------------------
-// adapters
-
-template <typename Scalar>
-void embedding<Scalar>::init_factors(adapter_type& a) {
-  rng gen(a.config().seed);
-  auto normal = [&](matrix_type& m) {
-    for (index k = 0; k < m.size(); ++k) m.data()[k] = static_cast<Scalar>(gen.normal());
-  };
-  switch (a.config().init) {
-    case init_method::peft_default:
-    case init_method::gaussian:
-      a.a().setZero();
-      normal(a.b());
-      break;
-    case init_method::random_ab:
-      normal(a.a());
-      normal(a.b());
-      break;
-    case init_method::zeros:
-      a.a().setZero();
-      a.b().setZero();
-      break;
-  }
+    : m_table(view, table, std::move(name), weight_layout::in_out) {
+  m_table.m_kind = adapter_kind::embedding;
 }
 
 template <typename Scalar>
-typename embedding<Scalar>::adapter_type& embedding<Scalar>::add_adapter(const std::string& name,
-                                                                         const adapter_config& config) {
+void embedding<Scalar>::check_adapter_config(const std::string& adapter_name, const adapter_config& config) const {
   if (config.use_dora)
-    throw config_error(detail::cat(where(), ": adapter '", name,
+    throw config_error(detail::cat(where(), ": adapter '", adapter_name,
                                    "': expected a plain LoRA adapter, got use_dora = true (DoRA is not supported on "
                                    "embeddings)"));
-  adapter_type& a = m_table.add_adapter(name, config);
-  init_factors(a);
-  sparse_state st;
-  st.adapter = &a;
-  m_states.push_back(std::move(st));
-  invalidate_cache();
-  return a;
-}
-
-template <typename Scalar>
-void embedding<Scalar>::remove_adapter(const std::string& name) {
-  m_table.remove_adapter(name);
-  m_states.erase(std::remove_if(m_states.begin(), m_states.end(),
-                                [&](const sparse_state& s) { return s.adapter->name() == name; }),
-                 m_states.end());
-  invalidate_cache();
-}
-
-template <typename Scalar>
-void embedding<Scalar>::set_active(const std::vector<std::string>& names) {
-  m_table.set_active(names);
-  invalidate_cache();
-}
-
-template <typename Scalar>
-void embedding<Scalar>::disable_adapters() {
-  m_table.disable_adapters();
-  invalidate_cache();
-}
-
-template <typename Scalar>
-void embedding<Scalar>::enable_adapters() {
-  m_table.enable_adapters();
-  invalidate_cache();
-}
-
-template <typename Scalar>
-typename embedding<Scalar>::sparse_state& embedding<Scalar>::state(const std::string& name) {
-  return const_cast<sparse_state&>(static_cast<const embedding&>(*this).state(name));
-}
-
-template <typename Scalar>
-const typename embedding<Scalar>::sparse_state& embedding<Scalar>::state(const std::string& name) const {
-  for (const auto& s : m_states)
-    if (s.adapter->name() == name) return s;
-  m_table.adapter(name);  // throws name_error listing the adapters
-  throw name_error(detail::cat(where(), ": no adapter named '", name, "'"));
-}
-
-template <typename Scalar>
-bool embedding<Scalar>::trainable(const adapter_type& a) const {
-  const auto& active = m_table.active_adapters();
-  return !a.merged() && std::find(active.begin(), active.end(), a.name()) != active.end();
-}
-
-template <typename Scalar>
-void embedding<Scalar>::invalidate_cache() {
-  m_has_cache = false;
-  for (auto& s : m_states) s.in_cache = false;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -325,18 +199,17 @@ void embedding<Scalar>::check_ids(const id_list& ids) const {
 }
 
 template <typename Scalar>
-template <typename HOf>
-void embedding<Scalar>::lookup(const id_list& ids, Eigen::Ref<matrix_type> y, HOf&& h_of) const {
+template <typename Self, typename HOf>
+void embedding<Scalar>::lookup(Self& self, const id_list& ids, Eigen::Ref<matrix_type> y, HOf&& h_of) {
   const auto n = static_cast<index>(ids.size());
   // The stored matrix is W = Eᵀ (dim x num, one table row per column) or, for a column-major view, E itself:
   // E(id, j) lies at data[id * id_step + j * j_step].
-  const auto w = m_table.stored_weight();
-  const bool transposed = m_table.weight_is_transposed();
+  const auto w = self.m_table.stored_weight();
+  const bool transposed = self.m_table.weight_is_transposed();
   detail::gather_rows(w.data(), transposed ? 1 : w.outerStride(), transposed ? w.outerStride() : 1, ids, y);
-  for (std::size_t i = 0; i < m_states.size(); ++i) {
-    const adapter_type& a = *m_states[i].adapter;
-    if (!participates(a)) continue;
-    auto&& h = h_of(i, n, a.rank());                                 // n x r
+  for (auto& a : self.m_table.m_adapters) {
+    if (!self.m_table.participates(a)) continue;
+    auto&& h = h_of(a, n, a.rank());                                 // n x r
     detail::gather_rows<Scalar>(a.a().data(), a.rank(), 1, ids, h);  // H = (A[:, ids])ᵀ
     y.noalias() += (a.scaling() * h) * a.b().transpose();
   }
@@ -354,13 +227,12 @@ void embedding<Scalar>::forward(const id_list& ids, Eigen::Ref<matrix_type> y) {
   check_ids(ids);
   detail::expect_shape(where(), "output Y", static_cast<index>(ids.size()), embedding_dim(), y.rows(), y.cols(),
                        " (n ids x embedding_dim)");
-  invalidate_cache();
+  m_table.invalidate_cache();
   m_ids = ids;
-  lookup(ids, y, [this](std::size_t i, index n, index r) -> matrix_type& {
-    sparse_state& st = m_states[i];
-    st.h.resize(n, r);
-    st.in_cache = true;
-    return st.h;
+  lookup(*this, ids, y, [](adapter_type& a, index n, index r) -> matrix_type& {
+    a.m_h.resize(n, r);
+    a.m_in_cache = true;
+    return a.m_h;
   });
   m_has_cache = true;
 }
@@ -377,72 +249,19 @@ void embedding<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy) {
   detail::expect_forward_cache(where(), m_has_cache);
   const auto n = static_cast<index>(m_ids.size());
   detail::expect_shape(where(), "dY", n, embedding_dim(), dy.rows(), dy.cols(), " (the forward's n x embedding_dim)");
-  for (auto& st : m_states) {
-    if (!st.in_cache) continue;
-    adapter_type& a = *st.adapter;
+  for (adapter_type& a : m_table.m_adapters) {
+    if (!a.m_in_cache) continue;
     const Scalar s = a.scaling();
-    a.grad_b().noalias() += (s * dy.transpose()) * st.h;  // dim x r
-    m_dh.noalias() = (s * dy) * a.b();                    // n x r
-    if (st.marked.empty()) st.marked.assign(static_cast<std::size_t>(num_embeddings()), 0);
-    for (index k = 0; k < n; ++k) {
+    a.m_grad_b.noalias() += (s * dy.transpose()) * a.m_h;  // dim x r
+    m_dh.noalias() = (s * dy) * a.m_b;                     // n x r
+    for (index k = 0; k < n; ++k) {                        // dA[:, ids[k]] += dH[k, :]ᵀ
       const index id = m_ids[static_cast<std::size_t>(k)];
-      a.grad_a().col(id) += m_dh.row(k).transpose();
-      if (!st.marked[static_cast<std::size_t>(id)]) {
-        st.marked[static_cast<std::size_t>(id)] = 1;
-        st.touched.push_back(id);
-      }
+      a.m_grad_a.col(id) += m_dh.row(k).transpose();
+      a.touch(id);
     }
   }
-  invalidate_cache();
-}
-
-template <typename Scalar>
-parameter_list<Scalar> embedding<Scalar>::parameters() {
-  parameter_list<Scalar> out;
-  for (auto& st : m_states) {
-    if (!trainable(*st.adapter)) continue;
-    auto ps = parameters(st.adapter->name());
-    out.insert(out.end(), ps.begin(), ps.end());
-  }
-  return out;
-}
-
-template <typename Scalar>
-parameter_list<Scalar> embedding<Scalar>::parameters(const std::string& adapter_name) {
-  adapter_type& a = m_table.adapter(adapter_name);
-  if (a.merged())
-    throw state_error(detail::cat(where(), ": adapter '", adapter_name,
-                                  "' is merged into the table and cannot be trained; unmerge() first"));
-  parameter<Scalar> pa{m_name + ".lora_embedding_A." + adapter_name,
-                       param_role::lora_a,
-                       a.a().data(),
-                       a.grad_a().data(),
-                       a.a().rows(),
-                       a.a().cols()};
-  parameter<Scalar> pb{m_name + ".lora_embedding_B." + adapter_name,
-                       param_role::lora_b,
-                       a.b().data(),
-                       a.grad_b().data(),
-                       a.b().rows(),
-                       a.b().cols()};
-  return {pa, pb};
-}
-
-template <typename Scalar>
-void embedding<Scalar>::zero_grad() {
-  for (auto& st : m_states) {
-    st.adapter->grad_b().setZero();
-    for (const index id : st.touched) {
-      st.adapter->grad_a().col(id).setZero();
-      st.marked[static_cast<std::size_t>(id)] = 0;
-    }
-    st.touched.clear();
-  }
-}
-
-template <typename Scalar>
-const typename embedding<Scalar>::id_list& embedding<Scalar>::touched_ids(const std::string& adapter_name) const {
-  return state(adapter_name).touched;
+  m_table.invalidate_cache();
+  m_has_cache = false;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -453,7 +272,7 @@ void embedding<Scalar>::infer(const id_list& ids, Eigen::Ref<matrix_type> y, inf
   check_ids(ids);
   detail::expect_shape(where(), "output Y", static_cast<index>(ids.size()), embedding_dim(), y.rows(), y.cols(),
                        " (n ids x embedding_dim)");
-  lookup(ids, y, [&](std::size_t, index n, index r) {
+  lookup(*this, ids, y, [&](const adapter_type&, index n, index r) {
     if (ws.buffer.size() < static_cast<std::size_t>(n * r)) ws.buffer.resize(static_cast<std::size_t>(n * r));
     return Eigen::Map<matrix_type>(ws.buffer.data(), n, r);
   });
@@ -465,42 +284,6 @@ typename embedding<Scalar>::matrix_type embedding<Scalar>::infer(const id_list& 
   inference_workspace<Scalar> ws;
   infer(ids, y, ws);
   return y;
-}
-
-// ---------------------------------------------------------------------------------------------------
-// merging and accounting
-
-template <typename Scalar>
-void embedding<Scalar>::merge(const std::vector<std::string>& names, bool safe) {
-  m_table.merge(names, safe);
-  invalidate_cache();
-}
-
-template <typename Scalar>
-void embedding<Scalar>::unmerge() {
-  m_table.unmerge();
-  invalidate_cache();
-}
-
-template <typename Scalar>
-typename embedding<Scalar>::matrix_type embedding<Scalar>::merge_and_unload(bool safe) {
-  matrix_type w = m_table.merge_and_unload(safe);
-  m_states.clear();
-  invalidate_cache();
-  return w.transpose();
-}
-
-template <typename Scalar>
-parameter_report embedding<Scalar>::report() const {
-  parameter_report r = m_table.report();
-  const auto bytes = static_cast<std::int64_t>(sizeof(Scalar));
-  if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_ids.size() * sizeof(index));
-  for (const auto& st : m_states) {
-    if (st.in_cache) r.cache_bytes += st.h.size() * bytes;
-    // The touched-id bookkeeping belongs to the gradient: one flag per id and the list.
-    r.grad_bytes += static_cast<std::int64_t>(st.marked.size() + st.touched.capacity() * sizeof(index));
-  }
-  return r;
 }
 
 }  // namespace lora

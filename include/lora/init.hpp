@@ -16,7 +16,7 @@
 // a plain LoRA adapter of rank 2r against the original W, whose config doubles r and lora_alpha (alpha
 // times √2 with rsLoRA) so that s is unchanged.
 //
-// Shapes follow REFERENCE.md §1 (W out x in) whatever the layer's storage: a fan_in_fan_out layer is
+// Shapes follow docs/CONVENTIONS.md §orientation (W out x in) whatever the layer's storage: a fan_in_fan_out layer is
 // decomposed in its out x in orientation too (PEFT's OLoRA decomposes the stored matrix instead).
 #pragma once
 
@@ -152,8 +152,8 @@ template <typename Scalar>
 initial_factors<Scalar> apply_pissa(linear<Scalar>& layer, adapter<Scalar>& a, const matrix<Scalar>& w,
                                     const truncated_svd<Scalar>& svd) {
   const vector<Scalar> root = (svd.s / a.scaling()).cwiseSqrt();
-  a.a() = root.asDiagonal() * svd.v.transpose();
-  a.b() = svd.u * root.asDiagonal();
+  layer.set_factors(a.name(), matrix<Scalar>(root.asDiagonal() * svd.v.transpose()),
+                    matrix<Scalar>(svd.u * root.asDiagonal()));
   return write_residual(layer, a, w);
 }
 
@@ -214,8 +214,9 @@ initial_factors<Scalar> init_olora(linear<Scalar>& layer, const std::string& ada
   const matrix<Scalar> w = layer.weight();
   const index r = a.rank();
   Eigen::HouseholderQR<matrix<Scalar>> qr(w);
-  a.b() = qr.householderQ() * matrix<Scalar>::Identity(w.rows(), r);         // Q[:, :r]
-  a.a() = qr.matrixQR().topRows(r).template triangularView<Eigen::Upper>();  // R[:r, :]
+  const matrix<Scalar> b = qr.householderQ() * matrix<Scalar>::Identity(w.rows(), r);  // Q[:, :r]
+  const matrix<Scalar> r_top = qr.matrixQR().topRows(r).template triangularView<Eigen::Upper>();  // R[:r, :]
+  layer.set_factors(a.name(), r_top, b);
   return detail::write_residual(layer, a, w);
 }
 
@@ -245,18 +246,7 @@ lora_factors<Scalar> convert_to_lora(const adapter<Scalar>& trained, const initi
 
 template <typename Scalar>
 adapter<Scalar>& add_lora_adapter(linear<Scalar>& layer, const std::string& name, const lora_factors<Scalar>& factors) {
-  const index r = factors.config.rank;
-  if (factors.a.rows() != r || factors.a.cols() != layer.in_features() || factors.b.rows() != layer.out_features() ||
-      factors.b.cols() != r)
-    throw shape_error(detail::cat("linear '", layer.name(), "': adapter '", name, "' needs A ",
-                                  detail::shape_str(r, layer.in_features()), " and B ",
-                                  detail::shape_str(layer.out_features(), r), ", got ",
-                                  detail::shape_str(factors.a.rows(), factors.a.cols()), " and ",
-                                  detail::shape_str(factors.b.rows(), factors.b.cols())));
-  adapter<Scalar>& a = layer.add_adapter(name, factors.config);
-  a.a() = factors.a;
-  a.b() = factors.b;
-  return a;
+  return layer.add_adapter(name, factors.config, factors.a, factors.b);  // shapes checked before anything is added
 }
 
 }  // namespace lora

@@ -1,29 +1,25 @@
-// lora/linear.hpp: a frozen linear layer carrying any number of named LoRA adapters.
+// lora/linear.hpp: a frozen linear layer carrying any number of named LoRA adapters, and the engine
+// every other layer is built from (embedding, merged_linear and conv2d are views onto linears).
 //
 //   Y = X Wᵀ + b + Σ_{a active, unmerged} s_a · (drop_a(X) A_aᵀ) B_aᵀ
 //
-// Shapes (REFERENCE.md §1): W is out x in, b is out, X is n x in (one sample per row), Y is n x out,
-// A_a is r_a x in, B_a is out x r_a. B A is never formed except to merge.
+// Shapes (docs/CONVENTIONS.md §orientation): W is out x in, b is out, X is n x in (one sample per row),
+// Y is n x out, A_a is r_a x in, B_a is out x r_a. B A is never formed except to merge.
 //
 // Backward, with H_a = drop_a(X) A_aᵀ (n x r_a, the only activation cached besides a view of X):
 //   dB_a += s_a dYᵀ H_a                    (out x r_a)
 //   dH_a  = s_a dY B_a                     (n x r_a)
 //   dA_a += dH_aᵀ drop_a(X)                (r_a x in)
 //   dX    = dY W + Σ_a mask_a ⊙ (dH_a A_a)  (n x in)
-// W is frozen: dW is never computed.
-//
-// DoRA (use_dora), as PEFT implements it, with the norm treated as a constant in backward (DoRA paper
-// §4.3): with n_a = ‖W + s_a B_a A_a‖ per output row and g_a = m_a / n_a,
-//   Y = (X Wᵀ) ⊙ c + b + Σ_{DoRA a} g_a ⊙ s_a H_a B_aᵀ + Σ_{plain a} s_a H_a B_aᵀ,   c = 1 + Σ_{DoRA a} (g_a - 1)
-//   dm_a = (Σ_i dY ⊙ X Wᵀ + s_a rowsum(B_a ⊙ dYᵀ H_a)) / n_a,  dB_a += s_a diag(g_a) dYᵀ H_a,
-//   dH_a = s_a dY diag(g_a) B_a,  dX = (dY ⊙ c) W + Σ_a dH_a A_a.
-// n_a is computed without forming B A: ‖W_o‖² + 2 s B_o·(W Aᵀ)_o + s² B_o (A Aᵀ) B_oᵀ. The forward caches
-// X Wᵀ (n x out) besides H when a DoRA adapter takes part.
+// W is frozen: dW is never computed. DoRA adapters change the base term and their own; see dora.hpp.
 //
 // The weight is owned (a copy) or viewed (the user's memory, row- or column-major, or stored in x out as
 // GPT-2's Conv1D does, `fan_in_fan_out`). Either way it is read through one column-major map that holds
 // W (out x in) or Wᵀ (in x out); a row-major W is the same memory as a column-major Wᵀ, so nothing is
 // transposed or copied.
+//
+// The adapter API (add/select/merge/parameters/report...) comes from layer_base (layer.hpp); the private
+// core_* primitives below are what it calls on each part. Their definitions are in detail/linear_core.hpp.
 #pragma once
 
 #include <Eigen/Core>
@@ -39,7 +35,9 @@
 #include "config.hpp"
 #include "detail/exact_merge.hpp"
 #include "detail/input_cache.hpp"
+#include "dora.hpp"
 #include "error.hpp"
+#include "layer.hpp"
 #include "parameter.hpp"
 
 namespace lora {
@@ -56,17 +54,20 @@ struct view_t {
 };
 inline constexpr view_t view{};
 
-/// Scratch memory for linear::infer; one per thread. Grows to the largest batch seen, then never
-/// allocates again.
+/// Scratch memory for infer(); one per thread. Grows to the largest batch seen, then never allocates again.
 template <typename Scalar>
 struct inference_workspace {
   std::vector<Scalar> buffer;
 };
 
 template <typename Scalar_>
-class linear {
+class embedding;
+
+template <typename Scalar_>
+class linear : public layer_base<linear<Scalar_>, Scalar_> {
  public:
   using Scalar = Scalar_;
+  using base_type = layer_base<linear<Scalar_>, Scalar_>;
   using matrix_type = matrix<Scalar>;
   using vector_type = vector<Scalar>;
   using adapter_type = lora::adapter<Scalar>;
@@ -119,37 +120,7 @@ class linear {
   template <typename Derived>
   void set_weight(const Eigen::MatrixBase<Derived>& w);
 
-  // --- adapters ----------------------------------------------------------------------------------
-
-  /// Adds an adapter. The first adapter of a layer becomes active; later ones wait for set_active()
-  /// (PEFT's add_adapter behaves the same). Throws name_error on an empty or duplicate name,
-  /// config_error on an invalid config.
-  adapter_type& add_adapter(const std::string& name, const adapter_config& config = {});
-  /// Removes an adapter; state_error if it is merged (unmerge first).
-  void remove_adapter(const std::string& name);
-  bool has_adapter(const std::string& name) const { return find(name) != nullptr; }
-  adapter_type& adapter(const std::string& name);
-  const adapter_type& adapter(const std::string& name) const;
-  std::vector<std::string> adapter_names() const;
-
-  /// Makes exactly these adapters active (their outputs add up). Merged adapters are always in effect
-  /// and must stay in the active set.
-  void set_active(const std::vector<std::string>& names);
-  const std::vector<std::string>& active_adapters() const noexcept { return m_active; }
-  /// Runs the base layer alone until enable_adapters(); state_error while any adapter is merged.
-  void disable_adapters();
-  void enable_adapters() {
-    m_disabled = false;
-    invalidate_cache();
-  }
-  bool adapters_disabled() const noexcept { return m_disabled; }
-
   // --- training ----------------------------------------------------------------------------------
-
-  /// Training mode draws adapter dropout masks; eval mode does not. Layers start in training mode.
-  void train(bool on = true) { m_training = on; }
-  void eval() { m_training = false; }
-  bool training() const noexcept { return m_training; }
 
   /// Training forward: returns Y (n x out) and caches a view of X (X must outlive backward) and H.
   template <typename Derived>
@@ -170,13 +141,6 @@ class linear {
   template <typename Derived>
   void backward_params_only(const Eigen::MatrixBase<Derived>& dy);
 
-  /// Trainable parameters of the active, unmerged adapters, named "<layer>.lora_A.<adapter>.weight".
-  parameter_list<Scalar> parameters();
-  /// Parameters of one adapter; state_error if it is merged.
-  parameter_list<Scalar> parameters(const std::string& adapter_name);
-  /// Zeroes every adapter's gradients.
-  void zero_grad();
-
   // --- inference ---------------------------------------------------------------------------------
 
   /// Const inference forward (no dropout, no cache) into a caller-sized y (n x out). Safe to call from
@@ -187,67 +151,96 @@ class linear {
   template <typename Derived>
   matrix_type infer(const Eigen::MatrixBase<Derived>& x) const;
 
-  // --- merging -----------------------------------------------------------------------------------
-
-  /// W += Σ s B A over `names` (default: the active, unmerged adapters). With safe = true, a merge whose
-  /// result would hold a non-finite value throws numeric_error and leaves W untouched (PEFT's safe_merge).
-  void merge(const std::vector<std::string>& names = {}, bool safe = false);
-  void safe_merge(const std::vector<std::string>& names = {}) { merge(names, true); }
-  /// Undoes every merge, restoring W bit for bit.
-  void unmerge();
-  std::vector<std::string> merged_adapters() const;
-  bool merged() const noexcept { return !m_records.empty(); }
-  /// Merges the active adapters, removes every adapter, and returns the merged weight (out x in).
-  /// The layer keeps the merged weight (a view's memory holds it too).
-  matrix_type merge_and_unload(bool safe = false);
-
-  // --- accounting --------------------------------------------------------------------------------
-
-  parameter_report report() const;
-
  private:
+  friend base_type;
+  template <typename, typename>
+  friend class layer_base;
+  friend class embedding<Scalar>;
+
+  // --- what layer_base asks of a layer (a linear is its own single part) ---------------------------
+  static constexpr bool multi_part = false;
+  static constexpr const char* part_noun = "part";
+  index num_parts() const noexcept { return 1; }
+  linear& part(index) noexcept { return *this; }
+  const linear& part(index) const noexcept { return *this; }
+  bool takes_adapters(index) const noexcept { return true; }
+  std::string where() const { return (m_kind == adapter_kind::dense ? "linear '" : "embedding '") + m_name + "'"; }
+  void on_adapters_changed() { invalidate_cache(); }
+  void check_adapter_config(const std::string&, const adapter_config&) const {}
+  adapter_config part_config(const adapter_config& c, index) const { return c; }
+  void add_cache_bytes(parameter_report&) const {}
+
+  // --- core primitives: one part's share of the adapter API, called after layer_base checked the call ---
+  adapter_type* core_find(const std::string& name);
+  const adapter_type* core_find(const std::string& name) const;
+  std::vector<std::string> core_names() const;
+  const std::vector<std::string>& core_active() const noexcept { return m_active; }
+  bool core_merged() const noexcept { return !m_records.empty(); }
+  std::vector<std::string> core_merged_names() const;
+  adapter_type& core_add(const std::string& name, const adapter_config& config, const std::string& label);
+  template <typename DA, typename DB>
+  void core_set_factors(const std::string& name, const DA& a, const DB& b, const vector_type* magnitude);
+  void core_remove(const std::string& name);
+  void core_set_active(const std::vector<std::string>& names);
+  void core_set_disabled(bool disabled);
+  void core_set_training(bool on) { m_training = on; }
+  bool core_training() const noexcept { return m_training; }
+  bool core_disabled() const noexcept { return m_disabled; }
+  parameter_list<Scalar> core_parameters(const std::string& name) { return core_find(name)->parameters(m_name); }
+  void core_zero_grad();
+  /// Merges `chosen` (checked); returns the merge records pushed, or -1 (weight untouched) when `safe` and
+  /// the result would not be finite.
+  int core_merge(const std::vector<std::string>& chosen, bool safe);
+  /// Undoes the last `records` merge records exactly.
+  void core_pop_merges(int records);
+  void core_unmerge() { core_pop_merges(static_cast<int>(m_records.size())); }
+  /// After a merge: forgets every record and adapter, keeping the merged weight.
+  void core_unload();
+  parameter_report core_report() const;
+
+  // --- the engine ----------------------------------------------------------------------------------
   Scalar* data() noexcept { return m_view_data ? m_view_data : m_owned.data(); }
   const Scalar* data() const noexcept { return m_view_data ? m_view_data : m_owned.data(); }
   stored_map stored() { return stored_map(data(), m_rows, m_cols, Eigen::OuterStride<>(m_stride)); }
-  std::string where() const { return "linear '" + m_name + "'"; }
-
-  adapter_type* find(const std::string& name);
-  const adapter_type* find(const std::string& name) const;
   bool is_active(const std::string& name) const;
   /// Adapters that the unmerged low-rank path runs: active, unmerged, adapters enabled.
   bool participates(const adapter_type& a) const { return !m_disabled && !a.m_merged && is_active(a.m_name); }
+  bool dora_participates() const;
+  vector_type dora_norm(const adapter_type& a) const {
+    return detail::dora_norm<Scalar>(stored_weight(), m_transposed, a.m_a, a.m_b, a.m_scaling);
+  }
   void invalidate_cache();
   void check_input(index rows, index cols, const char* what) const;
   template <typename Derived>
-  void check_same_scalar() const {
+  static void check_same_scalar() {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "lora::linear: the operand's scalar type differs from the layer's (mismatched dtypes); "
                   "cast it with .template cast<Scalar>()");
   }
-
-  /// Y = X Wᵀ (+ b), whichever way W is stored.
-  template <typename X, typename Y>
-  void base_forward(const X& x, Y& y) const;
-  /// P = X Wᵀ without the bias.
+  /// P = X Wᵀ without the bias, whichever way W is stored.
   template <typename X, typename Y>
   void base_product(const X& x, Y& y) const;
-  /// DoRA: ‖W + s B A‖ per output row (length out), without forming B A.
-  vector_type dora_norm(const adapter_type& a) const;
-  /// True when a participating adapter uses DoRA.
-  bool dora_participates() const;
   /// dX = dY W, whichever way W is stored.
   template <typename DY, typename DX>
   void base_backward(const DY& dy, DX& dx) const;
+  /// Y = X Wᵀ + b, or with DoRA adapters taking part (X Wᵀ) ⊙ c + b (dora.hpp).
+  template <typename X>
+  void forward_base(const X& x, Eigen::Ref<matrix_type> y);
   /// The training forward once X is bound.
   void run_forward(Eigen::Ref<matrix_type> y);
-  /// Draws adapter a's inverted-dropout mask (n x in, values 0 or 1/(1-p)) into m_mask from `gen`.
+  /// Draws an inverted-dropout mask (n x in, values 0 or 1/(1-p)) into m_mask from `gen`.
   void draw_mask(rng& gen, double p, index n);
   void run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<matrix_type>* dx);
+  template <typename X>
+  void adapter_backward(adapter_type& a, const X& x, Eigen::Ref<const matrix_type> dy, Eigen::Ref<matrix_type>* dx);
   /// The inference forward once X is viewed.
   void run_infer(const detail::input_cache<Scalar>& x, Eigen::Ref<matrix_type> y,
                  inference_workspace<Scalar>& ws) const;
+  /// The merge record of `group` (their stacked factors, and DoRA's gain).
+  detail::merge_record<Scalar> make_record(const std::vector<std::string>& group) const;
 
   std::string m_name;
+  adapter_kind m_kind = adapter_kind::dense;  // an embedding's table creates embedding adapters
   index m_in = 0, m_out = 0;
   // The stored matrix, column-major m_rows x m_cols with leading dimension m_stride: W, or Wᵀ.
   matrix_type m_owned;
@@ -266,13 +259,14 @@ class linear {
   detail::input_cache<Scalar> m_x;
   bool m_has_cache = false;
   matrix_type m_mask, m_xd;
-  bool m_cached_dora = false;  // the cached forward ran the DoRA path
-  matrix_type m_base;          // DoRA: X Wᵀ (n x out) from the cached forward
-  vector_type m_base_scale;    // DoRA: c = 1 + Σ (g_a - 1), length out
-  matrix_type m_dyc;           // DoRA: dY ⊙ c
-  matrix_type m_g_b, m_dyt_h;  // DoRA: diag(g) B and dYᵀ H (out x r)
-  vector_type m_dh_buffer;     // dH (n x r) of each adapter in turn; grows to the largest n * r, then stays
+  detail::dora_pass<Scalar> m_dora;
+  vector_type m_dh_buffer;  // dH (n x r) of each adapter in turn; grows to the largest n * r, then stays
 };
+
+}  // namespace lora
+
+
+namespace lora {
 
 // ---------------------------------------------------------------------------------------------------
 // construction
@@ -357,7 +351,8 @@ template <typename Scalar>
 template <typename Derived>
 void linear<Scalar>::set_weight(const Eigen::MatrixBase<Derived>& w) {
   check_same_scalar<Derived>();
-  if (merged()) throw state_error(where() + ": cannot replace the weight while adapters are merged; unmerge() first");
+  if (core_merged())
+    throw state_error(where() + ": cannot replace the weight while adapters are merged; unmerge() first");
   if (w.rows() != m_out || w.cols() != m_in)
     throw shape_error(detail::cat(where(), ": new weight must be ", detail::shape_str(m_out, m_in), " (out x in), got ",
                                   detail::shape_str(w.rows(), w.cols())));
@@ -370,109 +365,7 @@ void linear<Scalar>::set_weight(const Eigen::MatrixBase<Derived>& w) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// adapters
-
-template <typename Scalar>
-typename linear<Scalar>::adapter_type* linear<Scalar>::find(const std::string& name) {
-  for (auto& a : m_adapters)
-    if (a.m_name == name) return &a;
-  return nullptr;
-}
-
-template <typename Scalar>
-const typename linear<Scalar>::adapter_type* linear<Scalar>::find(const std::string& name) const {
-  for (const auto& a : m_adapters)
-    if (a.m_name == name) return &a;
-  return nullptr;
-}
-
-template <typename Scalar>
-bool linear<Scalar>::is_active(const std::string& name) const {
-  return std::find(m_active.begin(), m_active.end(), name) != m_active.end();
-}
-
-template <typename Scalar>
-std::vector<std::string> linear<Scalar>::adapter_names() const {
-  std::vector<std::string> names;
-  for (const auto& a : m_adapters) names.push_back(a.m_name);
-  return names;
-}
-
-template <typename Scalar>
-typename linear<Scalar>::adapter_type& linear<Scalar>::adapter(const std::string& name) {
-  return const_cast<adapter_type&>(static_cast<const linear&>(*this).adapter(name));
-}
-
-template <typename Scalar>
-const typename linear<Scalar>::adapter_type& linear<Scalar>::adapter(const std::string& name) const {
-  if (const adapter_type* a = find(name)) return *a;
-  std::string known;
-  for (const auto& a : m_adapters) known += (known.empty() ? "'" : ", '") + a.m_name + "'";
-  throw name_error(
-      detail::cat(where(), ": no adapter named '", name, "' (adapters: ", known.empty() ? "none" : known, ")"));
-}
-
-template <typename Scalar>
-typename linear<Scalar>::adapter_type& linear<Scalar>::add_adapter(const std::string& name,
-                                                                   const adapter_config& config) {
-  if (name.empty()) throw name_error(where() + ": adapter names must be non-empty");
-  if (find(name)) throw name_error(detail::cat(where(), ": an adapter named '", name, "' already exists"));
-  validate(config, where() + " adapter '" + name + "'");
-  m_adapters.emplace_back(name, config, m_in, m_out);
-  adapter_type& added = m_adapters.back();
-  if (config.use_dora) {
-    // PEFT: the magnitude starts at ‖W + s B A‖, so the adapted layer starts equal to W + s B A.
-    added.m_magnitude = dora_norm(added);
-    added.m_grad_magnitude = vector_type::Zero(m_out);
-  }
-  if (m_active.empty() && m_adapters.size() == 1) m_active.push_back(name);
-  invalidate_cache();
-  return m_adapters.back();
-}
-
-template <typename Scalar>
-void linear<Scalar>::remove_adapter(const std::string& name) {
-  adapter_type& a = adapter(name);
-  if (a.m_merged)
-    throw state_error(detail::cat(where(), ": adapter '", name, "' is merged; unmerge() before removing it"));
-  m_active.erase(std::remove(m_active.begin(), m_active.end(), name), m_active.end());
-  m_adapters.remove_if([&](const adapter_type& x) { return &x == &a; });
-  invalidate_cache();
-}
-
-template <typename Scalar>
-void linear<Scalar>::set_active(const std::vector<std::string>& names) {
-  for (std::size_t i = 0; i < names.size(); ++i) {
-    adapter(names[i]);  // throws name_error for unknown names
-    if (std::find(names.begin(), names.begin() + static_cast<std::ptrdiff_t>(i), names[i]) !=
-        names.begin() + static_cast<std::ptrdiff_t>(i))
-      throw name_error(detail::cat(where(), ": adapter '", names[i], "' is listed twice in set_active"));
-  }
-  for (const auto& a : m_adapters)
-    if (a.m_merged && std::find(names.begin(), names.end(), a.m_name) == names.end())
-      throw state_error(detail::cat(where(), ": adapter '", a.m_name,
-                                    "' is merged into the weight and cannot be deactivated; unmerge() first"));
-  m_active = names;
-  invalidate_cache();
-}
-
-template <typename Scalar>
-void linear<Scalar>::disable_adapters() {
-  if (merged())
-    throw state_error(where() + ": cannot disable adapters while some are merged into the weight; unmerge() first");
-  m_disabled = true;
-  invalidate_cache();
-}
-
-template <typename Scalar>
-void linear<Scalar>::invalidate_cache() {
-  m_has_cache = false;
-  m_x.clear();
-  for (auto& a : m_adapters) a.m_in_cache = false;
-}
-
-// ---------------------------------------------------------------------------------------------------
-// forward and backward
+// forward
 
 template <typename Scalar>
 void linear<Scalar>::check_input(index rows, index cols, const char* what) const {
@@ -489,39 +382,6 @@ void linear<Scalar>::base_product(const X& x, Y& y) const {
   } else {
     y.noalias() = x * stored_weight().transpose();
   }
-}
-
-template <typename Scalar>
-template <typename X, typename Y>
-void linear<Scalar>::base_forward(const X& x, Y& y) const {
-  base_product(x, y);
-  if (has_bias()) y.rowwise() += m_bias.transpose();
-}
-
-template <typename Scalar>
-typename linear<Scalar>::vector_type linear<Scalar>::dora_norm(const adapter_type& a) const {
-  const Scalar s = a.m_scaling;
-  matrix_type w_at;  // W Aᵀ: out x r
-  vector_type w_sq;  // ‖W_o‖²
-  if (m_transposed) {
-    w_at.noalias() = stored_weight().transpose() * a.m_a.transpose();
-    w_sq = stored_weight().colwise().squaredNorm().transpose();
-  } else {
-    w_at.noalias() = stored_weight() * a.m_a.transpose();
-    w_sq = stored_weight().rowwise().squaredNorm();
-  }
-  const matrix_type a_at = a.m_a * a.m_a.transpose();  // r x r
-  const matrix_type b_aat = a.m_b * a_at;              // out x r
-  const vector_type sq =
-      w_sq + (2 * s) * a.m_b.cwiseProduct(w_at).rowwise().sum() + (s * s) * b_aat.cwiseProduct(a.m_b).rowwise().sum();
-  return sq.cwiseMax(Scalar(0)).cwiseSqrt();
-}
-
-template <typename Scalar>
-bool linear<Scalar>::dora_participates() const {
-  for (const auto& a : m_adapters)
-    if (a.is_dora() && participates(a)) return true;
-  return false;
 }
 
 template <typename Scalar>
@@ -575,29 +435,36 @@ void linear<Scalar>::draw_mask(rng& gen, double p, index n) {
 }
 
 template <typename Scalar>
-void linear<Scalar>::run_forward(Eigen::Ref<matrix_type> y) {
-  m_cached_dora = dora_participates();
-  m_x.visit([&](const auto& x) {
-    if (m_cached_dora) {
-      // Y = (X Wᵀ) ⊙ c + b with c = 1 + Σ (g_a - 1); X Wᵀ is kept for dm.
-      base_product(x, m_base);
-      m_base_scale.setOnes(m_out);
-      for (auto& a : m_adapters) {
-        if (!a.is_dora() || !participates(a)) continue;
-        a.m_dora_norm = dora_norm(a);
-        m_base_scale += a.m_magnitude.cwiseQuotient(a.m_dora_norm) - vector_type::Ones(m_out);
-      }
-      y.noalias() = m_base * m_base_scale.asDiagonal();
-      if (has_bias()) y.rowwise() += m_bias.transpose();
-    } else {
-      base_forward(x, y);
-    }
+template <typename X>
+void linear<Scalar>::forward_base(const X& x, Eigen::Ref<matrix_type> y) {
+  m_dora.active = dora_participates();
+  if (m_dora.active) {
+    // DoRA: Y = (X Wᵀ) ⊙ c with c = 1 + Σ (g_a − 1); X Wᵀ is kept for dm.
+    base_product(x, m_dora.base);
+    m_dora.scale.setOnes(m_out);
     for (auto& a : m_adapters) {
-      a.m_in_cache = false;
-      if (!participates(a)) continue;
+      if (!a.is_dora() || !participates(a)) continue;
+      a.m_dora_norm = dora_norm(a);
+      m_dora.scale += a.m_magnitude.cwiseQuotient(a.m_dora_norm) - vector_type::Ones(m_out);
+    }
+    m_dora.scale_base(y);
+  } else {
+    base_product(x, y);
+  }
+  if (has_bias()) y.rowwise() += m_bias.transpose();
+}
+
+template <typename Scalar>
+void linear<Scalar>::run_forward(Eigen::Ref<matrix_type> y) {
+  m_x.visit([&](const auto& x) {
+    forward_base(x, y);  // Y = X Wᵀ + b
+    for (auto& a : m_adapters) {
+      a.m_in_cache = participates(a);
+      if (!a.m_in_cache) continue;
+      // H = drop(X) Aᵀ; backward redraws the dropout mask from the saved stream state.
       const double p = m_training ? a.m_config.dropout : 0.0;
-      if (p > 0.0) {
-        // Inverted dropout on the adapter input only; backward redraws the mask from the saved state.
+      a.m_masked = p > 0.0;
+      if (a.m_masked) {
         a.m_mask_state = a.m_dropout_rng.state();
         draw_mask(a.m_dropout_rng, p, x.rows());
         m_xd = x.cwiseProduct(m_mask);
@@ -605,18 +472,18 @@ void linear<Scalar>::run_forward(Eigen::Ref<matrix_type> y) {
       } else {
         a.m_h.noalias() = x * a.m_a.transpose();
       }
-      a.m_masked = p > 0.0;
       if (a.is_dora()) {
-        m_g_b.noalias() = a.m_magnitude.cwiseQuotient(a.m_dora_norm).asDiagonal() * a.m_b;  // diag(g) B
-        y.noalias() += (a.m_scaling * a.m_h) * m_g_b.transpose();
+        m_dora.add_output(a, a.m_magnitude.cwiseQuotient(a.m_dora_norm), a.m_h, y);
       } else {
-        y.noalias() += (a.m_scaling * a.m_h) * a.m_b.transpose();
+        y.noalias() += (a.m_scaling * a.m_h) * a.m_b.transpose();  // Y += s H Bᵀ
       }
-      a.m_in_cache = true;
     }
   });
   m_has_cache = true;
 }
+
+// ---------------------------------------------------------------------------------------------------
+// backward
 
 template <typename Scalar>
 template <typename Derived>
@@ -655,92 +522,47 @@ void linear<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<m
     throw shape_error(detail::cat(where(), ": dY must be ", detail::shape_str(m_x.rows(), m_out),
                                   " (the forward's n x out_features), got ", detail::shape_str(dy.rows(), dy.cols())));
   m_x.visit([&](const auto& x) {
-    vector_type dy_dot_base;  // DoRA: Σ_i dY ⊙ X Wᵀ, length out
-    if (m_cached_dora) {
-      m_dyc.noalias() = dy * m_base_scale.asDiagonal();
-      if (dx) base_backward(m_dyc, *dx);
-      dy_dot_base = dy.cwiseProduct(m_base).colwise().sum().transpose();
+    if (m_dora.active) {  // dX = (dY ⊙ c) W
+      m_dora.dyc.noalias() = dy * m_dora.scale.asDiagonal();
+      if (dx) base_backward(m_dora.dyc, *dx);
+      m_dora.dy_dot_base = dy.cwiseProduct(m_dora.base).colwise().sum().transpose();
     } else if (dx) {
-      base_backward(dy, *dx);
+      base_backward(dy, *dx);  // dX = dY W
     }
-    for (auto& a : m_adapters) {
-      if (!a.m_in_cache) continue;
-      const Scalar s = a.m_scaling;
-      if (m_dh_buffer.size() < a.m_h.size()) m_dh_buffer.resize(a.m_h.size());
-      Eigen::Map<matrix_type> dh(m_dh_buffer.data(), a.m_h.rows(), a.m_h.cols());
-      if (a.is_dora()) {
-        const vector_type g = a.m_magnitude.cwiseQuotient(a.m_dora_norm);
-        m_dyt_h.noalias() = dy.transpose() * a.m_h;              // out x r
-        a.m_grad_b.noalias() += s * (g.asDiagonal() * m_dyt_h);  // out x r
-        a.m_grad_magnitude +=
-            (dy_dot_base + s * a.m_b.cwiseProduct(m_dyt_h).rowwise().sum()).cwiseQuotient(a.m_dora_norm);  // out
-        m_g_b.noalias() = g.asDiagonal() * a.m_b;
-        dh.noalias() = (s * dy) * m_g_b;  // n x r
-      } else {
-        a.m_grad_b.noalias() += (s * dy.transpose()) * a.m_h;  // out x r
-        dh.noalias() = (s * dy) * a.m_b;                       // n x r
-      }
-      if (a.m_masked) {
-        rng replay;
-        replay.set_state(a.m_mask_state);
-        draw_mask(replay, a.m_config.dropout, x.rows());
-        m_xd = x.cwiseProduct(m_mask);
-        a.m_grad_a.noalias() += dh.transpose() * m_xd;  // r x in
-        if (dx) {
-          m_xd.noalias() = dh * a.m_a;
-          *dx += m_xd.cwiseProduct(m_mask);
-        }
-      } else {
-        a.m_grad_a.noalias() += dh.transpose() * x;
-        if (dx) dx->noalias() += dh * a.m_a;
-      }
-    }
+    for (auto& a : m_adapters)
+      if (a.m_in_cache) adapter_backward(a, x, dy, dx);
   });
   invalidate_cache();
 }
 
 template <typename Scalar>
-parameter_list<Scalar> linear<Scalar>::parameters() {
-  parameter_list<Scalar> out;
-  for (auto& a : m_adapters) {
-    if (a.m_merged || !is_active(a.m_name)) continue;
-    auto ps = parameters(a.m_name);
-    out.insert(out.end(), ps.begin(), ps.end());
+template <typename X>
+void linear<Scalar>::adapter_backward(adapter_type& a, const X& x, Eigen::Ref<const matrix_type> dy,
+                                      Eigen::Ref<matrix_type>* dx) {
+  const Scalar s = a.m_scaling;
+  if (m_dh_buffer.size() < a.m_h.size()) m_dh_buffer.resize(a.m_h.size());
+  Eigen::Map<matrix_type> dh(m_dh_buffer.data(), a.m_h.rows(), a.m_h.cols());
+  if (a.is_dora()) {
+    const vector_type g = a.m_magnitude.cwiseQuotient(a.m_dora_norm);
+    m_dora.adapter_backward(a, g, a.m_dora_norm, a.m_h, dy, dh, a.m_grad_b, a.m_grad_magnitude);
+  } else {
+    a.m_grad_b.noalias() += (s * dy.transpose()) * a.m_h;  // dB += s dYᵀ H   (out x r)
+    dh.noalias() = (s * dy) * a.m_b;                       // dH  = s dY B    (n x r)
   }
-  return out;
-}
-
-template <typename Scalar>
-parameter_list<Scalar> linear<Scalar>::parameters(const std::string& adapter_name) {
-  adapter_type& a = adapter(adapter_name);
-  if (a.m_merged)
-    throw state_error(detail::cat(where(), ": adapter '", adapter_name,
-                                  "' is merged into the weight and cannot be trained; unmerge() first"));
-  parameter<Scalar> pa{m_name + ".lora_A." + a.m_name + ".weight",
-                       param_role::lora_a,
-                       a.m_a.data(),
-                       a.m_grad_a.data(),
-                       a.m_a.rows(),
-                       a.m_a.cols()};
-  parameter<Scalar> pb{m_name + ".lora_B." + a.m_name + ".weight",
-                       param_role::lora_b,
-                       a.m_b.data(),
-                       a.m_grad_b.data(),
-                       a.m_b.rows(),
-                       a.m_b.cols()};
-  if (!a.is_dora()) return {pa, pb};
-  parameter<Scalar> pm{m_name + ".lora_magnitude_vector." + a.m_name,
-                       param_role::vector,
-                       a.m_magnitude.data(),
-                       a.m_grad_magnitude.data(),
-                       m_out,
-                       1};
-  return {pa, pb, pm};
-}
-
-template <typename Scalar>
-void linear<Scalar>::zero_grad() {
-  for (auto& a : m_adapters) a.zero_grad();
+  if (!a.m_masked) {
+    a.m_grad_a.noalias() += dh.transpose() * x;  // dA += dHᵀ X   (r x in)
+    if (dx) dx->noalias() += dh * a.m_a;         // dX += dH A
+    return;
+  }
+  rng replay;  // the forward's mask, redrawn
+  replay.set_state(a.m_mask_state);
+  draw_mask(replay, a.m_config.dropout, x.rows());
+  m_xd = x.cwiseProduct(m_mask);
+  a.m_grad_a.noalias() += dh.transpose() * m_xd;  // dA += dHᵀ drop(X)
+  if (dx) {
+    m_xd.noalias() = dh * a.m_a;  // dX += mask ⊙ (dH A)
+    *dx += m_xd.cwiseProduct(m_mask);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -764,21 +586,18 @@ template <typename Scalar>
 void linear<Scalar>::run_infer(const detail::input_cache<Scalar>& view, Eigen::Ref<matrix_type> y,
                                inference_workspace<Scalar>& ws) const {
   view.visit([&](const auto& x) {
-    const bool dora = dora_participates();
-    std::vector<vector_type> gains;  // DoRA only (this path allocates): g_a per DoRA adapter
-    if (dora) {
-      base_product(x, y);
-      vector_type c = vector_type::Ones(m_out);
-      for (const auto& a : m_adapters) {
-        if (!a.is_dora() || !participates(a)) continue;
-        gains.push_back(a.m_magnitude.cwiseQuotient(dora_norm(a)));
-        c += gains.back() - vector_type::Ones(m_out);
-      }
-      y = y * c.asDiagonal();
-      if (has_bias()) y.rowwise() += m_bias.transpose();
-    } else {
-      base_forward(x, y);
+    // DoRA (this path allocates): the gains g_a = m_a / ‖W + s B A‖ and c = 1 + Σ (g_a − 1).
+    std::vector<vector_type> gains;
+    vector_type c;
+    if (dora_participates()) c = vector_type::Ones(m_out);
+    for (const auto& a : m_adapters) {
+      if (!a.is_dora() || !participates(a)) continue;
+      gains.push_back(a.m_magnitude.cwiseQuotient(dora_norm(a)));
+      c += gains.back() - vector_type::Ones(m_out);
     }
+    base_product(x, y);
+    if (c.size() > 0) y = y * c.asDiagonal();
+    if (has_bias()) y.rowwise() += m_bias.transpose();
     std::size_t next_gain = 0;
     for (const auto& a : m_adapters) {
       if (!participates(a)) continue;
@@ -805,139 +624,6 @@ typename linear<Scalar>::matrix_type linear<Scalar>::infer(const Eigen::MatrixBa
   return y;
 }
 
-// ---------------------------------------------------------------------------------------------------
-// merging
-
-template <typename Scalar>
-void linear<Scalar>::merge(const std::vector<std::string>& names, bool safe) {
-  std::vector<std::string> chosen;
-  if (names.empty()) {
-    for (const auto& a : m_adapters)
-      if (is_active(a.m_name) && !a.m_merged) chosen.push_back(a.m_name);
-  } else {
-    for (const auto& n : names) {
-      const adapter_type& a = adapter(n);
-      if (a.m_merged) throw state_error(detail::cat(where(), ": adapter '", n, "' is already merged"));
-      if (std::find(chosen.begin(), chosen.end(), n) != chosen.end())
-        throw name_error(detail::cat(where(), ": adapter '", n, "' is listed twice in merge"));
-      chosen.push_back(n);
-    }
-  }
-  if (chosen.empty()) return;
-
-  // DoRA rescales rows by m / ‖W + s B A‖, which depends on W: such an adapter merges alone, before any
-  // other merge, in a record of its own; the plain adapters follow in one more record.
-  std::vector<std::string> dora, plain;
-  for (const auto& n : chosen) (find(n)->is_dora() ? dora : plain).push_back(n);
-  if (dora.size() > 1)
-    throw state_error(detail::cat(where(), ": merge DoRA adapters one at a time ('", dora[0], "' and '", dora[1],
-                                  "' were given together)"));
-  if (!dora.empty() && !m_records.empty())
-    throw state_error(detail::cat(where(), ": DoRA adapter '", dora[0],
-                                  "' must be merged before any other adapter (its norm is taken of the unmerged W); "
-                                  "unmerge() first"));
-
-  // Stack the factors as in PEFT's "cat" combination: Σ s_a B_a A_a = [s_1 B_1 | s_2 B_2 ...][A_1; A_2 ...].
-  // For a stored W (out x in) the record holds P = [s B] (out x R), Q = [Aᵀ] (in x R); for a stored Wᵀ the
-  // roles swap, so that the stored matrix always receives P Qᵀ.
-  auto make_record = [&](const std::vector<std::string>& group) {
-    index total_rank = 0;
-    for (const auto& n : group) total_rank += find(n)->rank();
-    detail::merge_record<Scalar> rec;
-    rec.adapters = group;
-    matrix_type sb(m_out, total_rank), at(m_in, total_rank);
-    index col = 0;
-    for (const auto& n : group) {
-      const adapter_type& a = *find(n);
-      sb.middleCols(col, a.rank()) = a.m_scaling * a.m_b;
-      at.middleCols(col, a.rank()) = a.m_a.transpose();
-      col += a.rank();
-      if (a.is_dora()) {
-        rec.scale = a.m_magnitude.cwiseQuotient(dora_norm(a));  // g = m / ‖W + s B A‖
-        rec.scale_columns = m_transposed;
-      }
-    }
-    rec.p = m_transposed ? std::move(at) : std::move(sb);
-    rec.q = m_transposed ? std::move(sb) : std::move(at);
-    return rec;
-  };
-  std::vector<detail::merge_record<Scalar>> records;
-  if (!dora.empty()) records.push_back(make_record(dora));
-  if (!plain.empty()) records.push_back(make_record(plain));
-
-  stored_map w = stored();
-  for (std::size_t k = 0; k < records.size(); ++k) {
-    if (safe && !detail::merge_is_finite(w, records[k])) {
-      for (std::size_t undo = k; undo-- > 0;) detail::unmerge_exact(w, records[undo]);  // W back, bit for bit
-      std::string list;
-      for (const auto& n : chosen) list += (list.empty() ? "'" : ", '") + n + "'";
-      throw numeric_error(detail::cat(where(), ": merging adapter(s) ", list,
-                                      " would put non-finite values in the weight; the weight is unchanged"));
-    }
-    detail::merge_exact(w, records[k]);
-  }
-  for (const auto& n : chosen) {
-    find(n)->m_merged = true;
-    if (!is_active(n)) m_active.push_back(n);
-  }
-  for (auto& rec : records) m_records.push_back(std::move(rec));
-  invalidate_cache();
-}
-
-template <typename Scalar>
-void linear<Scalar>::unmerge() {
-  stored_map w = stored();
-  while (!m_records.empty()) {
-    detail::unmerge_exact(w, m_records.back());
-    for (const auto& n : m_records.back().adapters)
-      if (adapter_type* a = find(n)) a->m_merged = false;
-    m_records.pop_back();
-  }
-  invalidate_cache();
-}
-
-template <typename Scalar>
-std::vector<std::string> linear<Scalar>::merged_adapters() const {
-  std::vector<std::string> names;
-  for (const auto& rec : m_records) names.insert(names.end(), rec.adapters.begin(), rec.adapters.end());
-  return names;
-}
-
-template <typename Scalar>
-typename linear<Scalar>::matrix_type linear<Scalar>::merge_and_unload(bool safe) {
-  merge({}, safe);
-  m_records.clear();
-  m_adapters.clear();
-  m_active.clear();
-  m_disabled = false;
-  invalidate_cache();
-  return weight();
-}
-
-// ---------------------------------------------------------------------------------------------------
-// accounting
-
-template <typename Scalar>
-parameter_report linear<Scalar>::report() const {
-  parameter_report r;
-  const auto bytes = static_cast<std::int64_t>(sizeof(Scalar));
-  r.frozen_params = m_in * m_out + m_bias.size();
-  for (const auto& a : m_adapters) {
-    const std::int64_t n = a.m_a.size() + a.m_b.size() + a.m_magnitude.size();
-    if (a.m_merged) {
-      r.frozen_params += n;
-    } else {
-      r.trainable_params += n;
-      r.trainable_bytes += n * bytes;
-      r.grad_bytes += (a.m_grad_a.size() + a.m_grad_b.size() + a.m_grad_magnitude.size()) * bytes;
-    }
-    if (a.m_in_cache) r.cache_bytes += a.m_h.size() * bytes;
-  }
-  r.frozen_bytes = r.frozen_params * bytes;  // merged adapters keep their factors for unmerge
-  if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_x.owned_bytes());
-  if (m_has_cache && m_cached_dora) r.cache_bytes += m_base.size() * bytes;
-  for (const auto& rec : m_records) r.merge_bytes += static_cast<std::int64_t>(rec.bytes());
-  return r;
-}
-
 }  // namespace lora
+
+#include "detail/linear_core.hpp"

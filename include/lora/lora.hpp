@@ -2,7 +2,8 @@
 //
 //   lora::linear<Scalar>   a frozen linear layer with named LoRA adapters (train, infer, merge)
 //   lora::embedding, lora::merged_linear, lora::conv2d   the same for embeddings, fused QKV, convolutions
-//   lora::adapter<Scalar>  one adapter's factors, gradients and hyper-parameters
+//   lora::layer_base       the adapter API every layer gets from one place; lora::is_lora_layer_v<T>
+//   lora::adapter<Scalar>  one adapter's factors (shape-safe views), gradients and hyper-parameters
 //   lora::parameter        the (value, grad) views optimizers work on
 //   lora::parameter_report trainable-parameter and memory accounting
 //   lora::error            the exception hierarchy
@@ -15,8 +16,10 @@
 #include "adapter.hpp"
 #include "config.hpp"
 #include "conv2d.hpp"
+#include "dora.hpp"
 #include "embedding.hpp"
 #include "error.hpp"
+#include "layer.hpp"
 #include "linear.hpp"
 #include "merged_linear.hpp"
 #include "parameter.hpp"

@@ -36,15 +36,17 @@
 #include "detail/layer_checks.hpp"
 #include "detail/row_blocks.hpp"
 #include "error.hpp"
+#include "layer.hpp"
 #include "linear.hpp"
 #include "parameter.hpp"
 
 namespace lora {
 
 template <typename Scalar_>
-class merged_linear {
+class merged_linear : public layer_base<merged_linear<Scalar_>, Scalar_> {
  public:
   using Scalar = Scalar_;
+  using base_type = layer_base<merged_linear<Scalar_>, Scalar_>;
   using matrix_type = matrix<Scalar>;
   using vector_type = vector<Scalar>;
   using adapter_type = lora::adapter<Scalar>;
@@ -95,28 +97,7 @@ class merged_linear {
   /// Slice i as a lora::linear over its rows of the fused weight (for inspection, DoRA-free extensions).
   const slice_type& slice(index i) const { return m_slices.at(static_cast<std::size_t>(i)); }
 
-  // --- adapters ----------------------------------------------------------------------------------
-
-  /// Adds an adapter to every enabled slice (slice i seeded with config.seed + i). config_error when no
-  /// slice is enabled; otherwise as linear::add_adapter.
-  void add_adapter(const std::string& name, const adapter_config& config = {});
-  void remove_adapter(const std::string& name);
-  bool has_adapter(const std::string& name) const { return reference().has_adapter(name); }
-  /// The factors of adapter `name` on slice i (A: r x in, B: m x r); shape_error for a disabled slice.
-  adapter_type& adapter(const std::string& name, index slice);
-  const adapter_type& adapter(const std::string& name, index slice) const;
-  std::vector<std::string> adapter_names() const { return reference().adapter_names(); }
-  void set_active(const std::vector<std::string>& names);
-  const std::vector<std::string>& active_adapters() const noexcept { return reference().active_adapters(); }
-  void disable_adapters();
-  void enable_adapters();
-  bool adapters_disabled() const noexcept { return reference().adapters_disabled(); }
-
-  // --- training ----------------------------------------------------------------------------------
-
-  void train(bool on = true);
-  void eval() { train(false); }
-  bool training() const noexcept { return m_slices.front().training(); }
+  // --- training (the adapter API, train/eval, parameters and merging come from layer_base) -------
 
   /// Training forward: returns Y (n x out) and caches a view of X (X must outlive backward).
   template <typename Derived>
@@ -136,11 +117,6 @@ class merged_linear {
   template <typename Derived>
   void backward_params_only(const Eigen::MatrixBase<Derived>& dy);
 
-  /// Trainable parameters of the active, unmerged adapters, slice by slice.
-  parameter_list<Scalar> parameters();
-  parameter_list<Scalar> parameters(const std::string& adapter_name);
-  void zero_grad();
-
   // --- inference ---------------------------------------------------------------------------------
 
   template <typename Derived>
@@ -148,39 +124,34 @@ class merged_linear {
   template <typename Derived>
   matrix_type infer(const Eigen::MatrixBase<Derived>& x) const;
 
-  // --- merging -----------------------------------------------------------------------------------
-
-  /// W[slice i] += Σ s B_i A_i over `names` (default: the active, unmerged adapters), on every enabled
-  /// slice (DoRA adapters as linear::merge merges them). With safe = true, a merge that would put a
-  /// non-finite value in any slice throws numeric_error and leaves every slice as it was.
-  void merge(const std::vector<std::string>& names = {}, bool safe = false);
-  void safe_merge(const std::vector<std::string>& names = {}) { merge(names, true); }
-  /// Undoes every merge, restoring W bit for bit.
-  void unmerge();
-  std::vector<std::string> merged_adapters() const { return reference().merged_adapters(); }
-  bool merged() const noexcept { return reference().merged(); }
-  /// Merges the active adapters, removes every adapter and returns the merged weight (out x in).
-  matrix_type merge_and_unload(bool safe = false);
-
-  // --- accounting --------------------------------------------------------------------------------
-
-  parameter_report report() const;
-
  private:
+  friend base_type;
+
+  // --- what layer_base asks of a layer: one part per slice; the enabled ones take adapters -------
+  static constexpr bool multi_part = true;
+  static constexpr const char* part_noun = "slice";
+  index num_parts() const noexcept { return num_slices(); }
+  linear<Scalar>& part(index i) { return m_slices[static_cast<std::size_t>(i)]; }
+  const linear<Scalar>& part(index i) const { return m_slices[static_cast<std::size_t>(i)]; }
+  bool takes_adapters(index i) const { return m_enabled[static_cast<std::size_t>(i)]; }
   std::string where() const { return "merged_linear '" + m_name + "'"; }
+  void on_adapters_changed() { m_has_cache = false; }
+  void check_adapter_config(const std::string& name, const adapter_config& config) const;
+  /// Slice i draws its initialisation and dropout from seed + i.
+  adapter_config part_config(const adapter_config& c, index i) const {
+    adapter_config out = c;
+    out.seed = c.seed + static_cast<std::uint64_t>(i);
+    return out;
+  }
+  void add_cache_bytes(parameter_report& r) const {
+    if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_x.owned_bytes());
+  }
+
   /// Checks enable_lora against out and builds one view linear per slice over `stored`, the memory of W
   /// (out x in) or, with in_out, of Wᵀ (in x out).
   template <typename StoredRef>
   void make_slices(StoredRef stored, weight_layout layout);
-  /// The first enabled slice (any slice when none is): adapter names and states are the same on all.
-  const slice_type& reference() const;
-  template <typename F>
-  void for_each_enabled(F&& f);
-  /// The parameters get(slice) hands out, slice after enabled slice.
-  template <typename Get>
-  parameter_list<Scalar> collect(Get&& get);
   void check_input(index rows, index cols) const;
-  void check_enabled(index slice) const;
   /// The training forward once X is bound.
   void run_forward(Eigen::Ref<matrix_type> y);
   void run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<matrix_type>* dx);
@@ -192,8 +163,7 @@ class merged_linear {
   std::vector<slice_type> m_slices;
   detail::input_cache<Scalar> m_x;
   bool m_has_cache = false;
-  matrix_type m_dx_slice;                               // n x in workspace
-  std::vector<std::vector<std::string>> m_merge_calls;  // what each merge() call merged, to replay
+  matrix_type m_dx_slice;  // n x in workspace
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -264,86 +234,10 @@ typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::weight() cons
   return w;
 }
 
-// ---------------------------------------------------------------------------------------------------
-// adapters
-
 template <typename Scalar>
-const typename merged_linear<Scalar>::slice_type& merged_linear<Scalar>::reference() const {
-  for (std::size_t i = 0; i < m_slices.size(); ++i)
-    if (m_enabled[i]) return m_slices[i];
-  return m_slices.front();
-}
-
-template <typename Scalar>
-template <typename F>
-void merged_linear<Scalar>::for_each_enabled(F&& f) {
-  for (std::size_t i = 0; i < m_slices.size(); ++i)
-    if (m_enabled[i]) f(m_slices[i], static_cast<index>(i));
-}
-
-template <typename Scalar>
-void merged_linear<Scalar>::check_enabled(index slice) const {
-  if (slice < 0 || slice >= num_slices() || !m_enabled[static_cast<std::size_t>(slice)])
-    throw shape_error(
-        detail::cat(where(), ": expected a slice in [0, ", num_slices(), ") with enable_lora set, got slice ", slice));
-}
-
-template <typename Scalar>
-void merged_linear<Scalar>::add_adapter(const std::string& name, const adapter_config& config) {
-  m_has_cache = false;
+void merged_linear<Scalar>::check_adapter_config(const std::string&, const adapter_config&) const {
   if (std::find(m_enabled.begin(), m_enabled.end(), true) == m_enabled.end())
     throw config_error(where() + ": no slice has enable_lora set, so there is nothing to adapt");
-  // The first enabled slice validates the name and config (and throws) before any slice changes; the
-  // slices hold the same adapters, so the others then accept the same call.
-  for_each_enabled([&](slice_type& s, index i) {
-    adapter_config c = config;
-    c.seed = config.seed + static_cast<std::uint64_t>(i);
-    s.add_adapter(name, c);
-  });
-}
-
-template <typename Scalar>
-void merged_linear<Scalar>::remove_adapter(const std::string& name) {
-  m_has_cache = false;
-  reference().adapter(name);  // name_error before any slice changes
-  for_each_enabled([&](slice_type& s, index) { s.remove_adapter(name); });
-}
-
-template <typename Scalar>
-typename merged_linear<Scalar>::adapter_type& merged_linear<Scalar>::adapter(const std::string& name, index slice) {
-  check_enabled(slice);
-  return m_slices[static_cast<std::size_t>(slice)].adapter(name);
-}
-
-template <typename Scalar>
-const typename merged_linear<Scalar>::adapter_type& merged_linear<Scalar>::adapter(const std::string& name,
-                                                                                   index slice) const {
-  check_enabled(slice);
-  return m_slices[static_cast<std::size_t>(slice)].adapter(name);
-}
-
-template <typename Scalar>
-void merged_linear<Scalar>::set_active(const std::vector<std::string>& names) {
-  m_has_cache = false;
-  // The first enabled slice validates (and throws) before any other changes.
-  for_each_enabled([&](slice_type& s, index) { s.set_active(names); });
-}
-
-template <typename Scalar>
-void merged_linear<Scalar>::disable_adapters() {
-  m_has_cache = false;
-  for_each_enabled([&](slice_type& s, index) { s.disable_adapters(); });
-}
-
-template <typename Scalar>
-void merged_linear<Scalar>::enable_adapters() {
-  m_has_cache = false;
-  for_each_enabled([&](slice_type& s, index) { s.enable_adapters(); });
-}
-
-template <typename Scalar>
-void merged_linear<Scalar>::train(bool on) {
-  for (auto& s : m_slices) s.train(on);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -438,32 +332,6 @@ void merged_linear<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy, Eigen
   m_x.clear();
 }
 
-template <typename Scalar>
-parameter_list<Scalar> merged_linear<Scalar>::parameters() {
-  return collect([](slice_type& s) { return s.parameters(); });
-}
-
-template <typename Scalar>
-parameter_list<Scalar> merged_linear<Scalar>::parameters(const std::string& adapter_name) {
-  return collect([&](slice_type& s) { return s.parameters(adapter_name); });
-}
-
-template <typename Scalar>
-template <typename Get>
-parameter_list<Scalar> merged_linear<Scalar>::collect(Get&& get) {
-  parameter_list<Scalar> out;
-  for_each_enabled([&](slice_type& s, index) {
-    auto ps = get(s);
-    out.insert(out.end(), ps.begin(), ps.end());
-  });
-  return out;
-}
-
-template <typename Scalar>
-void merged_linear<Scalar>::zero_grad() {
-  for (auto& s : m_slices) s.zero_grad();
-}
-
 // ---------------------------------------------------------------------------------------------------
 // inference
 
@@ -487,61 +355,6 @@ typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::infer(const E
   inference_workspace<Scalar> ws;
   infer(x, y, ws);
   return y;
-}
-
-// ---------------------------------------------------------------------------------------------------
-// merging
-
-template <typename Scalar>
-void merged_linear<Scalar>::merge(const std::vector<std::string>& names, bool safe) {
-  m_has_cache = false;
-  const std::vector<std::string> before = merged_adapters();
-  std::vector<slice_type*> merged_now;
-  try {
-    // The first enabled slice validates the names (and throws) before any slice changes.
-    for_each_enabled([&](slice_type& s, index) {
-      s.merge(names, safe);
-      merged_now.push_back(&s);
-    });
-  } catch (...) {
-    // A slice refused (safe merge, non-finite result) and left its weight unchanged. The slices this call
-    // merged go back bit for bit: unmerge everything, then replay the earlier merge calls in order.
-    for (slice_type* s : merged_now) {
-      s->unmerge();
-      for (const auto& call : m_merge_calls) s->merge(call);
-    }
-    throw;
-  }
-  std::vector<std::string> added;
-  for (const auto& n : merged_adapters())
-    if (std::find(before.begin(), before.end(), n) == before.end()) added.push_back(n);
-  if (!added.empty()) m_merge_calls.push_back(std::move(added));
-}
-
-template <typename Scalar>
-void merged_linear<Scalar>::unmerge() {
-  m_has_cache = false;
-  for_each_enabled([&](slice_type& s, index) { s.unmerge(); });
-  m_merge_calls.clear();
-}
-
-template <typename Scalar>
-typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::merge_and_unload(bool safe) {
-  merge({}, safe);  // all slices or none
-  for_each_enabled([&](slice_type& s, index) { s.merge_and_unload(); });
-  m_merge_calls.clear();
-  return weight();
-}
-
-// ---------------------------------------------------------------------------------------------------
-// accounting
-
-template <typename Scalar>
-parameter_report merged_linear<Scalar>::report() const {
-  parameter_report r;
-  for (const auto& s : m_slices) r += s.report();
-  if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_x.owned_bytes());
-  return r;
 }
 
 }  // namespace lora
