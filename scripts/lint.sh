@@ -9,13 +9,13 @@
 #      override, unused using-declarations), on tests/lint_all_headers.cpp: the one translation unit that
 #      includes every header, so each function of include/ is seen once (templates too, instantiated or
 #      not), compiled with the flags of a unit test from compile_commands.json.
-# Runs every check, then exits 1 if any failed. Installs clang-format and clang-tidy through setup.sh.
-# The build directory whose compile_commands.json gives the flags: LORA_LINT_BUILD_DIR (default
-# build/lint, configured here: tests on, nothing built).
+# Runs every check, then exits 1 if any failed. Installs clang-format, clang-tidy and python3 through setup.sh.
+# The flags come from build/lint, configured here (tests on, nothing built), or from the existing
+# compile_commands.json of LORA_LINT_BUILD_DIR (e.g. build/release), which is then left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-scripts/setup.sh clang-format clang-tidy
+scripts/setup.sh clang-format clang-tidy python3  # python3 reads compile_commands.json and clang-tidy output
 
 max_header_lines=${LORA_LINT_MAX_HEADER_LINES:-700}
 build=${LORA_LINT_BUILD_DIR:-build/lint}
@@ -24,6 +24,18 @@ failed=()
 report=$(mktemp -d)
 trap 'rm -rf "$report"' EXIT
 
+# offenders LIST CHECK HEADING [OK]: prints the offenders in file LIST (one a line) under HEADING and
+# records CHECK as failed, or prints OK when LIST is empty.
+offenders() {
+  if [ -s "$1" ]; then
+    echo "$3"
+    sed 's/^/  /' "$1"
+    failed+=("$2: $(wc -l <"$1") offender(s)")
+  elif [ $# -ge 4 ]; then
+    echo "$4"
+  fi
+}
+
 # --- 1. clang-format --------------------------------------------------------------------------------
 echo "--- clang-format (include examples tools tests benchmarks)"
 find include examples tools tests benchmarks -type f \( -name '*.hpp' -o -name '*.cpp' \) -print0 2>/dev/null |
@@ -31,26 +43,16 @@ find include examples tools tests benchmarks -type f \( -name '*.hpp' -o -name '
 # One clang-format per file, in parallel; a file is an offender when clang-format would change it.
 xargs -0 -P "$jobs" -n 1 sh -c 'clang-format --dry-run --Werror "$1" >/dev/null 2>&1 || echo "$1"' sh \
   <"$report/sources" | LC_ALL=C sort >"$report/unformatted"
-if [ -s "$report/unformatted" ]; then
-  echo "not formatted (run clang-format -i on them):"
-  sed 's/^/  /' "$report/unformatted"
-  failed+=("clang-format: $(wc -l <"$report/unformatted") file(s)")
-else
-  echo "all $(tr -cd '\0' <"$report/sources" | wc -c) files formatted"
-fi
+offenders "$report/unformatted" clang-format "not formatted (run clang-format -i on them):" \
+  "all $(tr -cd '\0' <"$report/sources" | wc -c) files formatted"
 
 # --- 2. header length -------------------------------------------------------------------------------
 echo "--- header length (at most $max_header_lines lines under include/)"
 find include -type f -name '*.hpp' -print0 | LC_ALL=C sort -z | xargs -0 wc -l |
-  awk -v max="$max_header_lines" '$2 != "total" && $1 > max { printf "  %s: %d lines\n", $2, $1 }' \
+  awk -v max="$max_header_lines" '$2 != "total" && $1 > max { printf "%s: %d lines\n", $2, $1 }' \
     >"$report/long_headers"
-if [ -s "$report/long_headers" ]; then
-  echo "headers over $max_header_lines lines (split them, one concept per header):"
-  cat "$report/long_headers"
-  failed+=("header length: $(wc -l <"$report/long_headers") header(s)")
-else
-  echo "no header over $max_header_lines lines"
-fi
+offenders "$report/long_headers" "header length" \
+  "headers over $max_header_lines lines (split them, one concept per header):" "no header over $max_header_lines lines"
 
 # --- 3. clang-tidy: function size and cognitive complexity ------------------------------------------
 echo "--- clang-tidy (function size and cognitive complexity; naming, definitions in headers)"
@@ -59,15 +61,16 @@ tu=tests/lint_all_headers.cpp
 find include -type f -name '*.hpp' | sed 's|^include/||' | LC_ALL=C sort >"$report/headers"
 sed -n 's|^#include <\(lora/.*\.hpp\)>$|\1|p' "$tu" | LC_ALL=C sort >"$report/included"
 LC_ALL=C comm -23 "$report/headers" "$report/included" >"$report/not_included"
-if [ -s "$report/not_included" ]; then
-  echo "$tu does not include (add an #include line for each):"
-  sed 's/^/  /' "$report/not_included"
-  failed+=("lint_all_headers.cpp: $(wc -l <"$report/not_included") header(s) missing")
-fi
+offenders "$report/not_included" "$tu" "$tu does not include (add an #include line for each):"
 
 # Compiler flags of a unit test (include paths, macros, standard), without its warnings, PCH or -march.
-cmake -S . -B "$build" -G Ninja -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DLORA_BUILD_TESTS=ON \
-  -DLORA_BUILD_EXAMPLES=OFF -DLORA_BUILD_TOOLS=OFF -DLORA_BUILD_BENCHMARKS=OFF >/dev/null
+if [ -z "${LORA_LINT_BUILD_DIR:-}" ]; then
+  cmake -S . -B "$build" -G Ninja -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DLORA_BUILD_TESTS=ON \
+    -DLORA_BUILD_EXAMPLES=OFF -DLORA_BUILD_TOOLS=OFF -DLORA_BUILD_BENCHMARKS=OFF >/dev/null
+elif [ ! -f "$build/compile_commands.json" ]; then
+  echo "lint: no $build/compile_commands.json (configure it with tests on, or unset LORA_LINT_BUILD_DIR)" >&2
+  exit 2
+fi
 python3 - "$build/compile_commands.json" >"$report/flags" <<'EOF'
 import json, re, shlex, sys
 entries = json.load(open(sys.argv[1]))
@@ -126,15 +129,11 @@ for text in open(sys.argv[1], errors="replace"):
     if m and key is not None:
         found[key].append(m.group(1) + " " + m.group(2))
 for (path, line, name), what in sorted(found.items()):
-    print(f"  {path}:{line}: {name}" + (": " + ", ".join(what) if what else ""))
+    print(f"{path}:{line}: {name}" + (": " + ", ".join(what) if what else ""))
 EOF
-if [ -s "$report/functions" ]; then
-  echo "functions over the thresholds of .clang-tidy (split them), and other clang-tidy warnings:"
-  cat "$report/functions"
-  failed+=("clang-tidy: $(wc -l <"$report/functions") offender(s)")
-else
-  echo "no function over the thresholds"
-fi
+offenders "$report/functions" clang-tidy \
+  "functions over the thresholds of .clang-tidy (split them), and other clang-tidy warnings:" \
+  "no function over the thresholds, no other warning"
 echo "(clang-tidy: $(($(date +%s) - tidy_start)) s)"
 
 echo "--- lint: $(($(date +%s) - start)) s"
