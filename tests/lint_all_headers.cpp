@@ -5,9 +5,11 @@
 #include <lora/adapter.hpp>
 #include <lora/config.hpp>
 #include <lora/conv2d.hpp>
+#include <lora/dora.hpp>
 #include <lora/detail/exact_merge.hpp>
 #include <lora/detail/input_cache.hpp>
 #include <lora/detail/layer_checks.hpp>
+#include <lora/detail/linear_core.hpp>
 #include <lora/detail/row_blocks.hpp>
 #include <lora/embedding.hpp>
 #include <lora/error.hpp>
@@ -17,6 +19,7 @@
 #include <lora/io/merge.hpp>
 #include <lora/io/peft.hpp>
 #include <lora/io/safetensors.hpp>
+#include <lora/layer.hpp>
 #include <lora/linear.hpp>
 #include <lora/lora.hpp>
 #include <lora/merged_linear.hpp>

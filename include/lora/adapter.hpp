@@ -69,7 +69,9 @@ class factor_view : public Eigen::Map<Plain> {
       : base_type(data, rows, cols), m_owner(&owner), m_what(what) {}
   factor_view(const factor_view&) = default;
 
-  factor_view& operator=(const factor_view& other) { return assign(other, [](auto& l, const auto& r) { l = r; }); }
+  factor_view& operator=(const factor_view& other) {
+    return assign(other, [](auto& l, const auto& r) { l = r; });
+  }
   template <typename Other>
   factor_view& operator=(const Eigen::DenseBase<Other>& other) {
     return assign(other, [](auto& l, const auto& r) { l = r; });
@@ -161,13 +163,13 @@ class adapter {
   adapter_config m_config;
   adapter_kind m_kind;
   Scalar m_scaling;
-  matrix_type m_a, m_b;                        // r x in, out x r
-  matrix_type m_grad_a, m_grad_b;              // same shapes
-  vector_type m_magnitude, m_grad_magnitude;   // DoRA: out
-  vector_type m_dora_norm;                     // DoRA: ‖W + s B A‖ per output row, from the cached forward
-  matrix_type m_h;                             // n x r cache: drop(X) Aᵀ from the last training forward
-  std::vector<index> m_touched;                // embedding: columns of dA written since zero_grad()
-  std::vector<std::uint8_t> m_marked;          // embedding: in = num flags, id is in m_touched
+  matrix_type m_a, m_b;                       // r x in, out x r
+  matrix_type m_grad_a, m_grad_b;             // same shapes
+  vector_type m_magnitude, m_grad_magnitude;  // DoRA: out
+  vector_type m_dora_norm;                    // DoRA: ‖W + s B A‖ per output row, from the cached forward
+  matrix_type m_h;                            // n x r cache: drop(X) Aᵀ from the last training forward
+  std::vector<index> m_touched;               // embedding: columns of dA written since zero_grad()
+  std::vector<std::uint8_t> m_marked;         // embedding: in = num flags, id is in m_touched
   rng m_dropout_rng;
   rng::state_type m_mask_state{};  // dropout stream state when the cached mask was drawn
   bool m_merged = false;

@@ -177,6 +177,7 @@ class conv2d : public layer_base<conv2d<Scalar_>, Scalar_> {
   // --- what layer_base asks of a layer: one part per group; only an ungrouped kernel takes adapters -
   static constexpr bool multi_part = false;
   static constexpr const char* part_noun = "group";
+  static constexpr const char* part_rule = " (groups = 1)";
   index num_parts() const noexcept { return static_cast<index>(m_groups.size()); }
   linear<Scalar>& part(index i) { return m_groups[static_cast<std::size_t>(i)]; }
   const linear<Scalar>& part(index i) const { return m_groups[static_cast<std::size_t>(i)]; }
@@ -225,42 +226,56 @@ class conv2d : public layer_base<conv2d<Scalar_>, Scalar_> {
 
 namespace detail {
 
+/// The output columns x of kernel column j whose input column x sw − pw + j dw lies in [0, W): [lo, hi).
+inline std::pair<index, index> valid_columns(const conv_geometry& g, index j) {
+  const index left = g.pw - j * g.dw;             // x sw >= left
+  const index right = g.w - 1 + g.pw - j * g.dw;  // x sw <= right
+  const index lo = std::min(g.ow, left <= 0 ? index{0} : (left + g.sw - 1) / g.sw);
+  const index hi = std::max(lo, std::min(g.ow, right < 0 ? index{0} : right / g.sw + 1));
+  return {lo, hi};
+}
+
+/// One output row (ow entries of Col) of one kernel tap: Gather copies input row `row` (null in the padding)
+/// at columns x sw + shift for x in [lo, hi), zeros elsewhere; !Gather adds the row back into the image.
+template <bool Gather, typename RunPtr, typename RowPtr>
+void unfold_row(RunPtr run, RowPtr row, index ow, std::pair<index, index> valid, index sw, index shift) {
+  const auto [lo, hi] = valid;
+  if constexpr (Gather) {
+    if (!row) {
+      std::fill(run, run + ow, 0);
+      return;
+    }
+    std::fill(run, run + lo, 0);
+    for (index x = lo; x < hi; ++x) run[x] = row[x * sw + shift];
+    std::fill(run + hi, run + ow, 0);
+  } else {
+    if (!row) return;
+    for (index x = lo; x < hi; ++x) row[x * sw + shift] += run[x];
+  }
+}
+
+/// The column of Col for kernel tap (c, i, j), over every image and output row.
 template <bool Gather, typename ImagePtr, typename ColPtr>
-void unfold(const conv_geometry& g, index n, ImagePtr xt, ColPtr col) {
+void unfold_tap(const conv_geometry& g, index n, ImagePtr xt, ColPtr col, index c, index i, index j) {
   const index rows = n * g.pixels();
-  for (index c = 0; c < g.c; ++c) {
-    for (index i = 0; i < g.kh; ++i) {
-      for (index j = 0; j < g.kw; ++j) {
-        const auto colk = col + ((c * g.kh + i) * g.kw + j) * rows;
-        // Output columns x whose input column x sw − pw + j dw lies in [0, W): x in [x_lo, x_hi).
-        const index left = g.pw - j * g.dw;             // x sw >= left
-        const index right = g.w - 1 + g.pw - j * g.dw;  // x sw <= right
-        const index x_lo = std::min(g.ow, left <= 0 ? index{0} : (left + g.sw - 1) / g.sw);
-        const index x_hi = std::max(x_lo, std::min(g.ow, right < 0 ? index{0} : right / g.sw + 1));
-        const index shift = j * g.dw - g.pw;
-        for (index s = 0; s < n; ++s) {
-          const auto plane = xt + s * g.image() + c * g.h * g.w;
-          for (index y = 0; y < g.oh; ++y) {
-            const auto run = colk + (s * g.oh + y) * g.ow;
-            const index iy = y * g.sh - g.ph + i * g.dh;
-            const bool inside = iy >= 0 && iy < g.h;
-            if constexpr (Gather) {
-              if (!inside) {
-                std::fill(run, run + g.ow, 0);
-                continue;
-              }
-              std::fill(run, run + x_lo, 0);
-              for (index x = x_lo; x < x_hi; ++x) run[x] = plane[iy * g.w + x * g.sw + shift];
-              std::fill(run + x_hi, run + g.ow, 0);
-            } else {
-              if (!inside) continue;
-              for (index x = x_lo; x < x_hi; ++x) plane[iy * g.w + x * g.sw + shift] += run[x];
-            }
-          }
-        }
-      }
+  const auto colk = col + ((c * g.kh + i) * g.kw + j) * rows;
+  const auto valid = valid_columns(g, j);
+  const index shift = j * g.dw - g.pw;
+  for (index s = 0; s < n; ++s) {
+    const auto plane = xt + s * g.image() + c * g.h * g.w;
+    for (index y = 0; y < g.oh; ++y) {
+      const index iy = y * g.sh - g.ph + i * g.dh;
+      const auto row = iy >= 0 && iy < g.h ? plane + iy * g.w : nullptr;
+      unfold_row<Gather>(colk + (s * g.oh + y) * g.ow, row, g.ow, valid, g.sw, shift);
     }
   }
+}
+
+template <bool Gather, typename ImagePtr, typename ColPtr>
+void unfold(const conv_geometry& g, index n, ImagePtr xt, ColPtr col) {
+  for (index c = 0; c < g.c; ++c)
+    for (index i = 0; i < g.kh; ++i)
+      for (index j = 0; j < g.kw; ++j) unfold_tap<Gather>(g, n, xt, col, c, i, j);
 }
 
 }  // namespace detail

@@ -22,8 +22,7 @@ namespace lora::detail {
 /// ‖W + s B A‖ per output row (length out), without forming B A. `w` is the stored weight: W (out x in),
 /// or Wᵀ (in x out) when `transposed`.
 template <typename Scalar, typename Stored>
-vector<Scalar> dora_norm(const Stored& w, bool transposed, const matrix<Scalar>& a, const matrix<Scalar>& b,
-                         Scalar s);
+vector<Scalar> dora_norm(const Stored& w, bool transposed, const matrix<Scalar>& a, const matrix<Scalar>& b, Scalar s);
 
 /// What a training forward with DoRA adapters keeps for backward, and the steps that differ from plain
 /// LoRA. One per layer; its buffers are reused across steps.
@@ -32,12 +31,12 @@ struct dora_pass {
   using matrix_type = matrix<Scalar>;
   using vector_type = vector<Scalar>;
 
-  bool active = false;       // the cached forward ran the DoRA path
-  matrix_type base;          // X Wᵀ (n x out)
-  vector_type scale;         // c = 1 + Σ (g_a − 1), length out
-  matrix_type dyc;           // dY ⊙ c
-  matrix_type g_b, dyt_h;    // diag(g) B and dYᵀ H (out x r)
-  vector_type dy_dot_base;   // Σ_i dY ⊙ X Wᵀ, length out
+  bool active = false;      // the cached forward ran the DoRA path
+  matrix_type base;         // X Wᵀ (n x out)
+  vector_type scale;        // c = 1 + Σ (g_a − 1), length out
+  matrix_type dyc;          // dY ⊙ c
+  matrix_type g_b, dyt_h;   // diag(g) B and dYᵀ H (out x r)
+  vector_type dy_dot_base;  // Σ_i dY ⊙ X Wᵀ, length out
 
   /// y = base ⊙ c (+ bias later), once base = X Wᵀ is set and every DoRA adapter's norm is known.
   template <typename Y>
@@ -55,7 +54,7 @@ struct dora_pass {
   void adapter_backward(adapter<Scalar>& a, const vector_type& g, const vector_type& norm, const matrix_type& h,
                         const DY& dy, DH& dh, matrix_type& grad_b, vector_type& grad_m) {
     const Scalar s = a.scaling();
-    dyt_h.noalias() = dy.transpose() * h;            // out x r
+    dyt_h.noalias() = dy.transpose() * h;              // out x r
     grad_b.noalias() += s * (g.asDiagonal() * dyt_h);  // out x r
     grad_m += (dy_dot_base + s * a.b().cwiseProduct(dyt_h).rowwise().sum()).cwiseQuotient(norm);
     g_b.noalias() = g.asDiagonal() * a.b();
@@ -66,8 +65,7 @@ struct dora_pass {
 // ---------------------------------------------------------------------------------------------------
 
 template <typename Scalar, typename Stored>
-vector<Scalar> dora_norm(const Stored& w, bool transposed, const matrix<Scalar>& a, const matrix<Scalar>& b,
-                         Scalar s) {
+vector<Scalar> dora_norm(const Stored& w, bool transposed, const matrix<Scalar>& a, const matrix<Scalar>& b, Scalar s) {
   matrix<Scalar> w_at;  // W Aᵀ: out x r
   vector<Scalar> w_sq;  // ‖W_o‖²
   if (transposed) {

@@ -112,6 +112,7 @@ class embedding : public layer_base<embedding<Scalar_>, Scalar_> {
   // --- what layer_base asks of a layer: one part, the table seen as a linear ---------------------
   static constexpr bool multi_part = false;
   static constexpr const char* part_noun = "part";
+  static constexpr const char* part_rule = "";
   index num_parts() const noexcept { return 1; }
   linear<Scalar>& part(index) noexcept { return m_table; }
   const linear<Scalar>& part(index) const noexcept { return m_table; }

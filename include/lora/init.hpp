@@ -214,7 +214,7 @@ initial_factors<Scalar> init_olora(linear<Scalar>& layer, const std::string& ada
   const matrix<Scalar> w = layer.weight();
   const index r = a.rank();
   Eigen::HouseholderQR<matrix<Scalar>> qr(w);
-  const matrix<Scalar> b = qr.householderQ() * matrix<Scalar>::Identity(w.rows(), r);  // Q[:, :r]
+  const matrix<Scalar> b = qr.householderQ() * matrix<Scalar>::Identity(w.rows(), r);             // Q[:, :r]
   const matrix<Scalar> r_top = qr.matrixQR().topRows(r).template triangularView<Eigen::Upper>();  // R[:r, :]
   layer.set_factors(a.name(), r_top, b);
   return detail::write_residual(layer, a, w);

@@ -10,6 +10,7 @@
 // Derived provides (privately; it befriends layer_base):
 //   static constexpr bool multi_part      several parts take adapters (adapter(name) then needs a part)
 //   static constexpr const char* part_noun "slice", "group": what a part is called in messages
+//   static constexpr const char* part_rule " (enable_lora set)": which parts take adapters, for messages
 //   index num_parts() const              every part, whether it takes adapters or not
 //   linear<Scalar>& part(index) (+const)  part i
 //   bool takes_adapters(index) const
@@ -96,8 +97,7 @@ class layer_base {
                    const Eigen::MatrixBase<DM>& m);
   /// Replaces the factors of an adapter on part i.
   template <typename DA, typename DB>
-  void set_factors(const std::string& name, index part, const Eigen::MatrixBase<DA>& a,
-                   const Eigen::MatrixBase<DB>& b);
+  void set_factors(const std::string& name, index part, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b);
 
   /// Makes exactly these adapters active (their outputs add up). Merged adapters are always in effect and
   /// must stay in the active set.
@@ -168,7 +168,6 @@ class layer_base {
   void changed();
 };
 
-
 // ---------------------------------------------------------------------------------------------------
 // looking adapters up
 
@@ -204,8 +203,8 @@ template <typename Derived, typename Scalar>
 void layer_base<Derived, Scalar>::unknown(const std::string& name) const {
   std::string known;
   for (const auto& n : adapter_names()) known += (known.empty() ? "'" : ", '") + n + "'";
-  throw name_error(
-      detail::cat(derived().where(), ": no adapter named '", name, "' (adapters: ", known.empty() ? "none" : known, ")"));
+  throw name_error(detail::cat(derived().where(), ": no adapter named '", name,
+                               "' (adapters: ", known.empty() ? "none" : known, ")"));
 }
 
 template <typename Derived, typename Scalar>
@@ -220,7 +219,8 @@ template <typename Derived, typename Scalar>
 void layer_base<Derived, Scalar>::check_part(index part) const {
   if (part < 0 || part >= derived().num_parts() || !derived().takes_adapters(part))
     throw shape_error(detail::cat(derived().where(), ": expected a ", Derived::part_noun, " in [0, ",
-                                  derived().num_parts(), ") that takes adapters, got ", Derived::part_noun, " ", part));
+                                  derived().num_parts(), ") that takes adapters", Derived::part_rule, ", got ",
+                                  Derived::part_noun, " ", part));
 }
 
 template <typename Derived, typename Scalar>
@@ -243,13 +243,13 @@ const typename layer_base<Derived, Scalar>::adapter_type& layer_base<Derived, Sc
 
 template <typename Derived, typename Scalar>
 typename layer_base<Derived, Scalar>::adapter_type& layer_base<Derived, Scalar>::adapter(const std::string& name,
-                                                                                          index part) {
+                                                                                         index part) {
   return const_cast<adapter_type&>(static_cast<const layer_base&>(*this).adapter(name, part));
 }
 
 template <typename Derived, typename Scalar>
 const typename layer_base<Derived, Scalar>::adapter_type& layer_base<Derived, Scalar>::adapter(const std::string& name,
-                                                                                                index part) const {
+                                                                                               index part) const {
   check_part(part);
   checked(name);
   return *derived().part(part).core_find(name);
@@ -394,8 +394,7 @@ typename layer_base<Derived, Scalar>::adapter_type& layer_base<Derived, Scalar>:
 template <typename Derived, typename Scalar>
 void layer_base<Derived, Scalar>::remove_adapter(const std::string& name) {
   if (checked(name).merged())
-    throw state_error(
-        detail::cat(derived().where(), ": adapter '", name, "' is merged; unmerge() before removing it"));
+    throw state_error(detail::cat(derived().where(), ": adapter '", name, "' is merged; unmerge() before removing it"));
   for_each_adapted([&](linear<Scalar>& p, index) { p.core_remove(name); });
   changed();
 }
@@ -495,8 +494,8 @@ std::vector<std::string> layer_base<Derived, Scalar>::merge_choice(const std::ve
   for (const auto& n : chosen)
     if (checked(n).is_dora()) dora.push_back(n);
   if (dora.size() > 1)
-    throw state_error(
-        detail::cat(who, ": merge DoRA adapters one at a time ('", dora[0], "' and '", dora[1], "' were given together)"));
+    throw state_error(detail::cat(who, ": merge DoRA adapters one at a time ('", dora[0], "' and '", dora[1],
+                                  "' were given together)"));
   if (!dora.empty() && merged())
     throw state_error(detail::cat(who, ": DoRA adapter '", dora[0],
                                   "' must be merged before any other adapter (its norm is taken of the unmerged W); "

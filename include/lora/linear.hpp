@@ -160,6 +160,7 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   // --- what layer_base asks of a layer (a linear is its own single part) ---------------------------
   static constexpr bool multi_part = false;
   static constexpr const char* part_noun = "part";
+  static constexpr const char* part_rule = "";
   index num_parts() const noexcept { return 1; }
   linear& part(index) noexcept { return *this; }
   const linear& part(index) const noexcept { return *this; }
@@ -264,7 +265,6 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
 };
 
 }  // namespace lora
-
 
 namespace lora {
 

@@ -130,6 +130,7 @@ class merged_linear : public layer_base<merged_linear<Scalar_>, Scalar_> {
   // --- what layer_base asks of a layer: one part per slice; the enabled ones take adapters -------
   static constexpr bool multi_part = true;
   static constexpr const char* part_noun = "slice";
+  static constexpr const char* part_rule = " (enable_lora set)";
   index num_parts() const noexcept { return num_slices(); }
   linear<Scalar>& part(index i) { return m_slices[static_cast<std::size_t>(i)]; }
   const linear<Scalar>& part(index i) const { return m_slices[static_cast<std::size_t>(i)]; }

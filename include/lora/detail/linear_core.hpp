@@ -77,8 +77,7 @@ typename linear<Scalar>::adapter_type& linear<Scalar>::core_add(const std::strin
 
 template <typename Scalar>
 template <typename DA, typename DB>
-void linear<Scalar>::core_set_factors(const std::string& name, const DA& a, const DB& b,
-                                      const vector_type* magnitude) {
+void linear<Scalar>::core_set_factors(const std::string& name, const DA& a, const DB& b, const vector_type* magnitude) {
   adapter_type& ad = *core_find(name);
   ad.m_a = a;
   ad.m_b = b;
