@@ -107,6 +107,20 @@ TEST(PeftRegex, EscapesInAndOutOfClasses) {
   for (const char* bad : {"\\x4", "\\xg1", "\\"}) EXPECT_THROW(regex{bad}, lora::format_error) << bad;
 }
 
+TEST(PeftRegex, BytesThatAreNotUtf8StandForThemselves) {
+  using io::detail::regex;
+  // C0 AB is an overlong encoding of '+': a literal here, never a quantifier (found by fuzz_regex).
+  const std::string overlong = "a\xC0\xAB";
+  EXPECT_TRUE(regex(overlong).match_full(overlong));
+  EXPECT_FALSE(regex(overlong).match_full("aa"));
+  EXPECT_FALSE(regex(overlong).match_full("a+"));
+  EXPECT_TRUE(regex(io::detail::regex_escape(overlong + "(")).match_full(overlong + "("));
+  // A stray byte E9 is not the code point U+00E9 ("\xC3\xA9"), and a truncated sequence is two bytes.
+  EXPECT_FALSE(regex("\xE9").match_full("\xC3\xA9"));
+  EXPECT_TRUE(regex(".").match_full("\xC3\xA9"));
+  EXPECT_TRUE(regex("..").match_full("\xE2\x82"));
+}
+
 TEST(PeftPatterns, TargetModulesList) {
   using io::detail::module_in_list;
   const std::vector<std::string> targets = {"q_proj", "mlp.up"};

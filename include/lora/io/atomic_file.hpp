@@ -10,7 +10,7 @@
 //   3. fsync the temporary, then close it;
 //   4. rename it over the target (atomic on POSIX file systems: a reader opens one or the other);
 //   5. fsync <dir>, so that the rename itself survives a crash.
-// When step 1 to 4 fails, the temporary is closed and removed and lora::io_error names the target,
+// When any of steps 1 to 4 fails, the temporary is closed and removed and lora::io_error names the target,
 // the step and strerror(errno): the old file, if any, is untouched. After step 4 the target holds the
 // new contents; a failure of step 5 is best effort where the directory cannot be opened or the file
 // system cannot sync directories (EINVAL, ENOTSUP), and an io_error saying so otherwise.
@@ -127,8 +127,22 @@ struct file_ops {
   int (*open_directory)(const char* path);  ///< ::open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
 };
 
-/// The plain POSIX calls.
-constexpr file_ops system_file_ops() noexcept;
+/// The plain POSIX calls (defined here, before its use below, so that current_file_ops is
+/// constant-initialised: no static-initialisation-order hazard, no cost beyond an indirect call).
+constexpr file_ops system_file_ops() noexcept {
+  return file_ops{
+      [](const char* path, int flags, unsigned mode) { return ::open(path, flags, static_cast<mode_t>(mode)); },
+      [](int fd, const void* data, std::size_t size, long long offset) {
+        return static_cast<long long>(::pwrite(fd, data, size, static_cast<off_t>(offset)));
+      },
+      [](int fd) { return ::fsync(fd); },
+      [](int fd) { return ::close(fd); },
+      [](const char* from, const char* to) { return ::rename(from, to); },
+      [](const char* path) { return ::unlink(path); },
+      [](const char* path) { return ::open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC); },
+  };
+}
+
 /// The calls atomic_file makes; constant-initialised to system_file_ops().
 inline file_ops current_file_ops = system_file_ops();
 
@@ -155,20 +169,6 @@ auto retry_on_eintr(Call&& call);
 // ================================================================================================
 
 namespace detail {
-
-constexpr file_ops system_file_ops() noexcept {
-  return file_ops{
-      [](const char* path, int flags, unsigned mode) { return ::open(path, flags, static_cast<mode_t>(mode)); },
-      [](int fd, const void* data, std::size_t size, long long offset) {
-        return static_cast<long long>(::pwrite(fd, data, size, static_cast<off_t>(offset)));
-      },
-      [](int fd) { return ::fsync(fd); },
-      [](int fd) { return ::close(fd); },
-      [](const char* from, const char* to) { return ::rename(from, to); },
-      [](const char* path) { return ::unlink(path); },
-      [](const char* path) { return ::open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC); },
-  };
-}
 
 template <typename Call>
 auto retry_on_eintr(Call&& call) {

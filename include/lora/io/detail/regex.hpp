@@ -17,8 +17,8 @@
 //     are refused, `{,n}` is a literal (a quantifier in Python). A translation layer in front of RE2
 //     would be a parser of its own.
 //   - The matcher below is ~600 lines with no recursion at match time, tested against Python's
-//     semantics (tests/test_peft_config.cpp) and fuzzed through adapter_config.json
-//     (tests/fuzz/fuzz_peft.cpp).
+//     semantics (tests/test_module_match.cpp) and fuzzed, on its own (tests/fuzz/fuzz_regex.cpp) and
+//     inside whole adapter configs (tests/fuzz/fuzz_peft.cpp).
 //
 // Syntax (Python semantics): literals; `.` (any code point but '\n'); classes `[...]`, `[^...]` with
 // ranges and \d \w \s \D \W \S; groups `(...)`, `(?:...)`, `(?P<name>...)`, comments `(?#...)`;
@@ -26,8 +26,9 @@
 // does not change whether a match exists); anchors `^ $ \A \Z`; escapes \n \t \r \f \v \a \xhh and
 // escaped punctuation. Refused as unsupported: backreferences, lookaround, inline flags, \b \B, \u,
 // \U, \N, octal escapes, possessive quantifiers. Text and pattern are UTF-8 and are matched code point
-// by code point; \d is ASCII digits, \s ASCII white space, and \w ASCII letters, digits, '_' and every
-// code point from U+0080 up (Python's Unicode tables are finer; module names are ASCII in practice).
+// by code point (a byte that is not well-formed UTF-8 is a code point of its own, detail::decode_utf8); \d is ASCII
+// digits, \s ASCII white space, and \w ASCII letters, digits, '_' and every code point from U+0080 up (Python's Unicode
+// tables are finer; module names are ASCII in practice).
 #pragma once
 
 #include <cstddef>

@@ -13,7 +13,9 @@ namespace lora::io::detail {
 std::size_t utf8_error_offset(const unsigned char* s, std::size_t n) noexcept;
 /// Whether all of `s` is well-formed UTF-8.
 bool is_utf8(std::string_view s) noexcept;
-/// UTF-8 to code points; a byte that does not start a well-formed sequence stands for itself.
+/// UTF-8 to code points. A byte that does not start a well-formed sequence becomes U+DC00 + byte (a
+/// lone surrogate, as Python's surrogateescape does), which no well-formed text decodes to: an
+/// overlong or truncated sequence can never pass for an ASCII metacharacter such as '+'.
 std::u32string decode_utf8(std::string_view s);
 
 // ---------------------------------------------------------------------------------------------------
@@ -57,26 +59,18 @@ inline bool is_utf8(std::string_view s) noexcept {
   return utf8_error_offset(reinterpret_cast<const unsigned char*>(s.data()), s.size()) == s.size();
 }
 
-/// The code point of the sequence starting at s[i] and its length, or 0 when none starts there (a
-/// lenient decoder: the lead byte gives the length, continuation bytes must be 10xxxxxx).
+/// The code point of the well-formed sequence starting at s[i] and its length, or 0 when none starts
+/// there.
 inline std::size_t decode_utf8_at(std::string_view s, std::size_t i, char32_t& cp) noexcept {
   static constexpr unsigned char lead_bits[] = {0, 0x7F, 0x1F, 0x0F, 0x07};
+  unsigned char lo, hi;
   const auto b = static_cast<unsigned char>(s[i]);
-  std::size_t len = 0;
-  if (b < 0x80) {
-    len = 1;
-  } else if ((b >> 5) == 0x6) {
-    len = 2;
-  } else if ((b >> 4) == 0xE) {
-    len = 3;
-  } else if ((b >> 3) == 0x1E) {
-    len = 4;
-  }
+  const std::size_t len = utf8_sequence(b, lo, hi);
   if (len == 0 || len > s.size() - i) return 0;
   cp = b & lead_bits[len];
   for (std::size_t k = 1; k < len; ++k) {
     const auto t = static_cast<unsigned char>(s[i + k]);
-    if ((t & 0xC0) != 0x80) return 0;
+    if (t < (k == 1 ? lo : 0x80) || t > (k == 1 ? hi : 0xBF)) return 0;
     cp = (cp << 6) | (t & 0x3F);
   }
   return len;
@@ -88,7 +82,7 @@ inline std::u32string decode_utf8(std::string_view s) {
   for (std::size_t i = 0; i < s.size();) {
     char32_t cp = 0;
     const std::size_t len = decode_utf8_at(s, i, cp);
-    out.push_back(len != 0 ? cp : static_cast<unsigned char>(s[i]));
+    out.push_back(len != 0 ? cp : 0xDC00 + static_cast<unsigned char>(s[i]));  // as Python's surrogateescape
     i += len != 0 ? len : 1;
   }
   return out;
