@@ -1,11 +1,16 @@
-// tests/file_support.hpp: what the file-format tests (safetensors, PEFT, merge tool) share: a scratch
-// directory removed with everything in it.
+// tests/file_support.hpp: what the file-format tests (safetensors, PEFT, merge tool, checkpoints,
+// atomic writes) share: a scratch directory removed with everything in it, and whole-file reads and
+// writes.
 #pragma once
 
 #include <stdlib.h>  // mkdtemp
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -22,7 +27,8 @@ class temp_dir {
     m_path = pattern;
   }
   ~temp_dir() {
-    std::error_code ec;
+    std::error_code ec;  // a test may have made the directory read-only
+    std::filesystem::permissions(m_path, std::filesystem::perms::owner_all, std::filesystem::perm_options::add, ec);
     std::filesystem::remove_all(m_path, ec);
   }
   temp_dir(const temp_dir&) = delete;
@@ -43,5 +49,22 @@ class temp_dir {
  private:
   std::string m_path;
 };
+
+/// The bytes of a file (empty when it cannot be read).
+inline std::vector<unsigned char> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<unsigned char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+/// Replaces a file with `data` (a test failure when it cannot be written).
+inline void write_file(const std::string& path, const std::string& data) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(data.data(), static_cast<std::streamsize>(data.size()));
+  ASSERT_TRUE(out.good()) << path;
+}
+
+inline void write_file(const std::string& path, const std::vector<unsigned char>& data) {
+  write_file(path, std::string(data.begin(), data.end()));
+}
 
 }  // namespace lora_test

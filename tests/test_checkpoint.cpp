@@ -13,6 +13,7 @@
 #include <csignal>
 #endif
 
+#include "file_support.hpp"
 #include "support.hpp"
 
 namespace {
@@ -21,43 +22,8 @@ namespace fs = std::filesystem;
 using lora::index;
 using lora::param_role;
 
-/// A fresh directory per test, removed afterwards.
-class scratch_dir {
- public:
-  scratch_dir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    lora::rng token(static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()));
-    std::string name = std::string("lora_ckpt_") + info->test_suite_name() + "_" + info->name() + "_" +
-                       std::to_string(token.next_u64() % 1000000007u);
-    for (char& c : name) {
-      if (c == '/') c = '_';
-    }
-    m_path = fs::path(::testing::TempDir()) / name;
-    fs::create_directories(m_path);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::permissions(m_path, fs::perms::owner_all, fs::perm_options::add, ec);
-    fs::remove_all(m_path, ec);
-  }
-  std::string file(const std::string& name) const { return (m_path / name).string(); }
-  const fs::path& path() const { return m_path; }
-  /// The names of the entries in the directory, sorted.
-  std::vector<std::string> entries() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(m_path)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
-
- private:
-  fs::path m_path;
-};
-
-std::vector<unsigned char> read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
+using lora_test::read_file;
+using scratch_dir = lora_test::temp_dir;
 
 void write_bytes(const std::string& path, const std::vector<unsigned char>& bytes, std::size_t n) {
   fs::remove(path);  // a new file rather than a truncated one, which ext4 would flush to disk (auto_da_alloc)
@@ -69,7 +35,7 @@ void write_bytes(const std::string& path, const std::vector<unsigned char>& byte
 void patch_and_reseal(std::vector<unsigned char>& bytes, std::size_t at, std::uint64_t v, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) bytes[at + i] = static_cast<unsigned char>(v >> (8 * i));
   const std::size_t body = bytes.size() - 4;
-  const std::uint32_t crc = lora::detail::crc32(bytes.data(), body);
+  const std::uint32_t crc = lora::io::detail::crc32(bytes.data(), body);
   for (std::size_t i = 0; i < 4; ++i) bytes[body + i] = static_cast<unsigned char>(crc >> (8 * i));
 }
 
@@ -133,11 +99,11 @@ void expect_same_info(const lora::io::checkpoint_info& a, const lora::io::checkp
 // CRC-32
 
 TEST(Crc32, MatchesTheStandardCheckValues) {
-  EXPECT_EQ(lora::detail::crc32("", 0), 0u);
-  EXPECT_EQ(lora::detail::crc32("123456789", 9), 0xCBF43926u);  // the CRC-32/ISO-HDLC check value
-  EXPECT_EQ(lora::detail::crc32("The quick brown fox jumps over the lazy dog", 43), 0x414FA339u);
+  EXPECT_EQ(lora::io::detail::crc32("", 0), 0u);
+  EXPECT_EQ(lora::io::detail::crc32("123456789", 9), 0xCBF43926u);  // the CRC-32/ISO-HDLC check value
+  EXPECT_EQ(lora::io::detail::crc32("The quick brown fox jumps over the lazy dog", 43), 0x414FA339u);
   // Chaining: the CRC of a concatenation from the CRC of its first part.
-  EXPECT_EQ(lora::detail::crc32("56789", 5, lora::detail::crc32("1234", 4)), 0xCBF43926u);
+  EXPECT_EQ(lora::io::detail::crc32("56789", 5, lora::io::detail::crc32("1234", 4)), 0xCBF43926u);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -165,7 +131,7 @@ TYPED_TEST(CheckpointTest, ParametersAndInfoRoundTrip) {
   EXPECT_TRUE(bit_identical(loaded.values[0], saved.values[2]));
   EXPECT_TRUE(bit_identical(loaded.values[1], saved.values[0]));
   EXPECT_TRUE(bit_identical(loaded.values[2], saved.values[1]));
-  EXPECT_EQ(dir.entries(), std::vector<std::string>{"a.ckpt"});  // no temporary file left
+  EXPECT_EQ(dir.list(), std::vector<std::string>{"a.ckpt"});  // no temporary file left
 }
 
 TYPED_TEST(CheckpointTest, OptimizerStateRoundTrips) {
@@ -211,7 +177,7 @@ TYPED_TEST(CheckpointTest, SavingAgainReplacesTheFile) {
   auto back = small_adapter<Scalar>(0.0);
   EXPECT_EQ(lora::io::load_checkpoint(dir.file("c.ckpt"), back.params()).step, 2);
   EXPECT_EQ(back.values[0](1, 1), Scalar(9));
-  EXPECT_EQ(dir.entries(), std::vector<std::string>{"c.ckpt"});
+  EXPECT_EQ(dir.list(), std::vector<std::string>{"c.ckpt"});
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -377,7 +343,7 @@ struct damaged_file_test : ::testing::Test {
     lora::optim::sgd<double> opt(model.params(), o);
     opt.step();
     lora::io::save_checkpoint(dir.file("good.ckpt"), opt, sample_info());
-    bytes = read_bytes(dir.file("good.ckpt"));
+    bytes = read_file(dir.file("good.ckpt"));
     ASSERT_GT(bytes.size(), 100u);
   }
 
@@ -473,7 +439,7 @@ TEST_F(damaged_file_test, ForgedLengthsAreCheckedBeforeAllocating) {
 
 TEST_F(damaged_file_test, FilesThatCannotBeReadAreIoErrors) {
   expect_refused<lora::io_error>(dir.file("missing.ckpt"), "missing.ckpt");
-  expect_refused<lora::io_error>(dir.path().string(), "directory");
+  expect_refused<lora::io_error>(dir.path(), "directory");
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -533,7 +499,7 @@ TEST(CheckpointMismatch, InvalidParameterListsAreRefusedBeforeWriting) {
   twice.add("w", 1, 1, 0);
   lora_test::expect_error<lora::name_error>([&] { lora::io::save_checkpoint(dir.file("d.ckpt"), twice.params(), {}); },
                                             {"duplicate", "'w'"});
-  EXPECT_TRUE(dir.entries().empty());
+  EXPECT_TRUE(dir.list().empty());
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -541,14 +507,14 @@ TEST(CheckpointMismatch, InvalidParameterListsAreRefusedBeforeWriting) {
 
 TEST(CheckpointAtomicWrite, PathThatIsADirectoryIsRefused) {
   scratch_dir dir;
-  fs::create_directory(dir.path() / "taken");
+  fs::create_directory(fs::path(dir.path()) / "taken");
   auto t = small_adapter<double>();
   lora_test::expect_error<lora::io_error>([&] { lora::io::save_checkpoint(dir.file("taken"), t.params(), {}); },
                                           {"taken"});
-  EXPECT_TRUE(fs::is_directory(dir.path() / "taken"));
-  EXPECT_EQ(dir.entries(), std::vector<std::string>{"taken"});  // the temporary file is gone
+  EXPECT_TRUE(fs::is_directory(fs::path(dir.path()) / "taken"));
+  EXPECT_EQ(dir.list(), std::vector<std::string>{"taken"});  // the temporary file is gone
   lora_test::expect_error<lora::io_error>(
-      [&] { lora::io::save_checkpoint((dir.path() / "no" / "such" / "dir.ckpt").string(), t.params(), {}); },
+      [&] { lora::io::save_checkpoint((fs::path(dir.path()) / "no" / "such" / "dir.ckpt").string(), t.params(), {}); },
       {"temporary file"});
 }
 
@@ -558,16 +524,17 @@ TEST(CheckpointAtomicWrite, FailingWriterLeavesTheOldFile) {
   lora::io::checkpoint_info info;
   info.step = 1;
   lora::io::save_checkpoint(dir.file("keep.ckpt"), t.params(), info);
-  const auto old_bytes = read_bytes(dir.file("keep.ckpt"));
+  const auto old_bytes = read_file(dir.file("keep.ckpt"));
   // A writer that dies halfway, as a serialiser would on a bad_alloc.
-  EXPECT_THROW(lora::detail::write_file_atomically(dir.file("keep.ckpt"),
-                                                   [](std::FILE* f) {
-                                                     std::fputs("half a checkpoint", f);
-                                                     throw std::runtime_error("writer failed");
-                                                   }),
+  EXPECT_THROW(lora::io::write_file_atomically(dir.file("keep.ckpt"),
+                                               [](lora::io::file_sink& f) {
+                                                 f.write("half a checkpoint");
+                                                 f.flush();
+                                                 throw std::runtime_error("writer failed");
+                                               }),
                std::runtime_error);
-  EXPECT_EQ(read_bytes(dir.file("keep.ckpt")), old_bytes);
-  EXPECT_EQ(dir.entries(), std::vector<std::string>{"keep.ckpt"});
+  EXPECT_EQ(read_file(dir.file("keep.ckpt")), old_bytes);
+  EXPECT_EQ(dir.list(), std::vector<std::string>{"keep.ckpt"});
 }
 
 #if !defined(_WIN32)
@@ -578,7 +545,7 @@ TEST(CheckpointAtomicWrite, FullDiskLeavesTheOldFile) {
   lora::io::checkpoint_info info;
   info.step = 1;
   lora::io::save_checkpoint(dir.file("keep.ckpt"), t.params(), info);
-  const auto old_bytes = read_bytes(dir.file("keep.ckpt"));
+  const auto old_bytes = read_file(dir.file("keep.ckpt"));
 
   t.values[0].setConstant(42.0);
   info.step = 2;
@@ -599,8 +566,8 @@ TEST(CheckpointAtomicWrite, FullDiskLeavesTheOldFile) {
   std::signal(SIGXFSZ, old_handler);
 
   EXPECT_TRUE(threw_io_error);
-  EXPECT_EQ(read_bytes(dir.file("keep.ckpt")), old_bytes);
-  EXPECT_EQ(dir.entries(), std::vector<std::string>{"keep.ckpt"});
+  EXPECT_EQ(read_file(dir.file("keep.ckpt")), old_bytes);
+  EXPECT_EQ(dir.list(), std::vector<std::string>{"keep.ckpt"});
   auto back = small_adapter<double>(0.0);
   EXPECT_EQ(lora::io::load_checkpoint(dir.file("keep.ckpt"), back.params()).step, 1);
 }

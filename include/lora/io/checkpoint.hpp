@@ -18,42 +18,36 @@
 //                   u32 M, then M x { str key, str value }
 //   end-4   4     u32 CRC-32 (IEEE 802.3, zlib's crc32) of every byte before it
 //
-// where str is a u32 byte count followed by the bytes. Saving writes a temporary file in the target's
-// directory, flushes and fsyncs it, then renames it over the target, so a crash or an error leaves
-// either the old file or the new one. Loading reads the whole file and checks size, magic, version,
-// checksum and every length against the bytes that remain before it allocates or writes anything;
+// where str is a u32 byte count followed by the bytes. Saving goes through write_file_atomically
+// (io/atomic_file.hpp): a temporary file in the target's directory, fsynced, then renamed over the
+// target, so a crash or an error leaves either the old file or the new one. Loading reads the whole file and checks
+// size, magic, version, checksum and every length against the bytes that remain before it allocates or writes anything;
 // then it checks names and shapes against the given parameters and optimizer, and only then writes.
+//
+// POSIX only, like every io header.
 #pragma once
 
 #include <array>
-#include <atomic>
 #include <cerrno>
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <functional>
 #include <limits>
 #include <map>
 #include <string>
 #include <system_error>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
-
-#if defined(_WIN32)
-#include <io.h>
-#else
-#include <fcntl.h>
-#include <unistd.h>
-#endif
 
 #include "../error.hpp"
 #include "../optim/optimizer.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"
+#include "atomic_file.hpp"
 
 namespace lora::io {
 
@@ -89,22 +83,21 @@ checkpoint_info load_checkpoint(const std::string& path, optim::optimizer<Scalar
 
 }  // namespace lora::io
 
-namespace lora::detail {
+namespace lora::io::detail {
+
+using lora::detail::cat;
+using lora::detail::check_parameters;
+using lora::detail::shape_str;
 
 /// CRC-32 as zlib's crc32(crc, data, n): reflected polynomial 0xEDB88320, pre- and post-inverted,
 /// chainable: crc32(b, crc32(a)) == crc32(a followed by b). crc32("123456789") == 0xCBF43926.
 inline std::uint32_t crc32(const void* data, std::size_t n, std::uint32_t crc = 0);
 
-/// Writes `path` atomically: fill(file) writes a temporary file in path's directory, which is then
-/// flushed, fsynced and renamed over path. On failure the temporary file is removed, path is left as
-/// it was, and io_error is thrown (an exception from fill passes through after the same cleanup).
-inline void write_file_atomically(const std::string& path, const std::function<void(std::FILE*)>& fill);
-
-}  // namespace lora::detail
+}  // namespace lora::io::detail
 
 // ---------------------------------------------------------------------------------------------------
 
-namespace lora::detail {
+namespace lora::io::detail {
 
 inline constexpr char checkpoint_magic[8] = {'L', 'O', 'R', 'A', 'C', 'K', 'P', 'T'};
 inline constexpr std::uint32_t checkpoint_version = 1;
@@ -207,22 +200,19 @@ class byte_counter : public byte_sink {
   std::uint64_t m_count = 0;
 };
 
-/// Writes to a FILE* and keeps the CRC-32 of everything written; io_error on a short write.
+/// Writes to the file being saved and keeps the CRC-32 of everything written; io_error on failure.
 class crc_file_sink : public byte_sink {
  public:
-  crc_file_sink(std::FILE* file, std::string path) : m_file(file), m_path(std::move(path)) {}
+  explicit crc_file_sink(file_sink& file) : m_file(file) {}
   void put(const void* data, std::size_t n) override {
     if (n == 0) return;
-    if (std::fwrite(data, 1, n, m_file) != n) {
-      throw io_error(cat("cannot write checkpoint '", m_path, "': ", std::strerror(errno)));
-    }
+    m_file.write(data, n);
     m_crc = crc32(data, n, m_crc);
   }
   std::uint32_t crc() const noexcept { return m_crc; }
 
  private:
-  std::FILE* m_file;
-  std::string m_path;
+  file_sink& m_file;
   std::uint32_t m_crc = 0;
 };
 
@@ -314,7 +304,7 @@ struct checkpoint_tensor {
 /// Everything in a checkpoint file, validated against the format (not yet against any model).
 struct parsed_checkpoint {
   std::size_t scalar_size = 0;
-  io::checkpoint_info info;
+  checkpoint_info info;
   std::vector<checkpoint_tensor> params;
   bool has_optimizer = false;
   std::string optimizer_kind;
@@ -328,7 +318,7 @@ inline std::string checkpoint_who(const std::string& path) { return cat("checkpo
 /// Header and payload, in the layout above (the caller appends the CRC).
 template <typename Scalar>
 void write_checkpoint_body(byte_sink& out, const parameter_list<Scalar>& params, const optim::optimizer<Scalar>* opt,
-                           const io::checkpoint_info& info, std::uint64_t file_size) {
+                           const checkpoint_info& info, std::uint64_t file_size) {
   out.put(checkpoint_magic, sizeof checkpoint_magic);
   out.u32(checkpoint_version);
   out.u32(static_cast<std::uint32_t>(sizeof(Scalar)));
@@ -368,15 +358,15 @@ void write_checkpoint_body(byte_sink& out, const parameter_list<Scalar>& params,
 
 template <typename Scalar>
 void save_checkpoint_impl(const std::string& path, const parameter_list<Scalar>& params,
-                          const optim::optimizer<Scalar>* opt, const io::checkpoint_info& info) {
+                          const optim::optimizer<Scalar>* opt, const checkpoint_info& info) {
   check_checkpoint_scalar<Scalar>();
   const std::string who = checkpoint_who(path);
   check_parameters(params, who);
   byte_counter counter;  // also refuses, before any file exists, what the format cannot record
   write_checkpoint_body(counter, params, opt, info, 0);
   const std::uint64_t file_size = counter.count() + checkpoint_trailer_bytes;
-  write_file_atomically(path, [&](std::FILE* file) {
-    crc_file_sink sink(file, path);
+  write_file_atomically(path, [&](file_sink& file) {
+    crc_file_sink sink(file);
     write_checkpoint_body(sink, params, opt, info, file_size);
     sink.u32(sink.crc());
   });
@@ -399,9 +389,8 @@ inline std::vector<unsigned char> read_whole_file(const std::string& path) {
   return bytes;
 }
 
-/// Checks size, magic, version, recorded size and checksum, then parses every field with bounds
-/// checks; format_error on any violation.
-inline parsed_checkpoint parse_checkpoint(const std::vector<unsigned char>& bytes, const std::string& who) {
+/// Checks size, magic, version, recorded size and checksum; the scalar size.
+inline std::size_t check_checkpoint_envelope(const std::vector<unsigned char>& bytes, const std::string& who) {
   constexpr std::size_t min_size = checkpoint_header_bytes + checkpoint_trailer_bytes;
   if (bytes.size() < min_size) {
     throw format_error(
@@ -426,22 +415,23 @@ inline parsed_checkpoint parse_checkpoint(const std::vector<unsigned char>& byte
     throw format_error(
         cat(who, " is corrupted: CRC-32 mismatch (stored 0x", std::hex, stored_crc, ", computed 0x", actual_crc, ")"));
   }
-
-  parsed_checkpoint out;
-  out.scalar_size = static_cast<std::size_t>(byte_reader::uint_le(bytes.data() + 12, 4));
-  if (out.scalar_size != 4 && out.scalar_size != 8) {
-    throw format_error(cat(who, " is corrupted: scalar size ", out.scalar_size, " is neither 4 nor 8"));
+  const auto scalar_size = static_cast<std::size_t>(byte_reader::uint_le(bytes.data() + 12, 4));
+  if (scalar_size != 4 && scalar_size != 8) {
+    throw format_error(cat(who, " is corrupted: scalar size ", scalar_size, " is neither 4 nor 8"));
   }
-  byte_reader in(bytes.data() + checkpoint_header_bytes, body - checkpoint_header_bytes, who);
-  const auto unique = [&](std::vector<checkpoint_tensor>& list, const char* what) {
-    std::unordered_map<std::string, std::size_t> seen;
-    for (const auto& t : list) {
-      if (!seen.emplace(t.name, 0).second)
-        throw format_error(cat(who, " is corrupted: ", what, " '", t.name, "' twice"));
-    }
-  };
+  return scalar_size;
+}
 
-  out.info.step = in.i64("the step");
+/// format_error unless every tensor of `list` has its own name.
+inline void check_unique_names(const std::vector<checkpoint_tensor>& list, const char* what, const std::string& who) {
+  std::unordered_map<std::string, std::size_t> seen;
+  for (const auto& t : list) {
+    if (!seen.emplace(t.name, 0).second) throw format_error(cat(who, " is corrupted: ", what, " '", t.name, "' twice"));
+  }
+}
+
+/// u32 P, then P x { str name, u64 rows, u64 cols, rows*cols scalars }.
+inline void read_checkpoint_params(byte_reader& in, parsed_checkpoint& out, const std::string& who) {
   const std::uint32_t n_params = in.count(4 + 16, "parameters");
   for (std::uint32_t i = 0; i < n_params; ++i) {
     checkpoint_tensor t;
@@ -454,33 +444,38 @@ inline parsed_checkpoint parse_checkpoint(const std::vector<unsigned char>& byte
     t.data = in.tensor_bytes(t.size(), out.scalar_size, "a parameter's values");
     out.params.push_back(std::move(t));
   }
-  unique(out.params, "parameter");
+  check_unique_names(out.params, "parameter", who);
+}
 
+/// u8 flag, then { str kind, i64 step, f64 lr, u32 T, T x { str name, u64 n, n scalars } } when 1.
+inline void read_checkpoint_optimizer(byte_reader& in, parsed_checkpoint& out, const std::string& who) {
   const std::uint8_t has_optimizer = in.u8("the optimizer flag");
   if (has_optimizer > 1) throw format_error(cat(who, " is corrupted: optimizer flag ", int{has_optimizer}));
   out.has_optimizer = has_optimizer == 1;
-  if (out.has_optimizer) {
-    out.optimizer_kind = in.str("the optimizer kind");
-    out.optimizer_step = in.i64("the optimizer step");
-    out.optimizer_lr = in.f64("the optimizer lr");
-    const std::uint32_t n_state = in.count(4 + 8, "optimizer state tensors");
-    for (std::uint32_t i = 0; i < n_state; ++i) {
-      checkpoint_tensor t;
-      t.name = in.str("an optimizer state name");
-      t.rows = in.u64("an optimizer state size");
-      t.cols = 1;
-      t.data = in.tensor_bytes(t.rows, out.scalar_size, "an optimizer state tensor");
-      out.optimizer_tensors.push_back(std::move(t));
-    }
-    unique(out.optimizer_tensors, "optimizer state tensor");
+  if (!out.has_optimizer) return;
+  out.optimizer_kind = in.str("the optimizer kind");
+  out.optimizer_step = in.i64("the optimizer step");
+  out.optimizer_lr = in.f64("the optimizer lr");
+  const std::uint32_t n_state = in.count(4 + 8, "optimizer state tensors");
+  for (std::uint32_t i = 0; i < n_state; ++i) {
+    checkpoint_tensor t;
+    t.name = in.str("an optimizer state name");
+    t.rows = in.u64("an optimizer state size");
+    t.cols = 1;
+    t.data = in.tensor_bytes(t.rows, out.scalar_size, "an optimizer state tensor");
+    out.optimizer_tensors.push_back(std::move(t));
   }
+  check_unique_names(out.optimizer_tensors, "optimizer state tensor", who);
+}
 
+/// u32 R, then R x { str name, 4 x u64 }; u32 M, then M x { str key, str value }.
+inline void read_checkpoint_info(byte_reader& in, checkpoint_info& info, const std::string& who) {
   const std::uint32_t n_rngs = in.count(4 + 32, "RNG states");
   for (std::uint32_t i = 0; i < n_rngs; ++i) {
     std::string name = in.str("an RNG name");
     rng::state_type state;
     for (auto& word : state) word = in.u64("an RNG state");
-    if (!out.info.rngs.emplace(std::move(name), state).second) {
+    if (!info.rngs.emplace(std::move(name), state).second) {
       throw format_error(cat(who, " is corrupted: an RNG name appears twice"));
     }
   }
@@ -488,30 +483,35 @@ inline parsed_checkpoint parse_checkpoint(const std::vector<unsigned char>& byte
   for (std::uint32_t i = 0; i < n_meta; ++i) {
     std::string key = in.str("a metadata key");
     std::string value = in.str("a metadata value");
-    if (!out.info.metadata.emplace(std::move(key), std::move(value)).second) {
+    if (!info.metadata.emplace(std::move(key), std::move(value)).second) {
       throw format_error(cat(who, " is corrupted: a metadata key appears twice"));
     }
   }
+}
+
+/// Checks the envelope (check_checkpoint_envelope), then parses every field with bounds checks;
+/// format_error on any violation.
+inline parsed_checkpoint parse_checkpoint(const std::vector<unsigned char>& bytes, const std::string& who) {
+  parsed_checkpoint out;
+  out.scalar_size = check_checkpoint_envelope(bytes, who);
+  const std::size_t body = bytes.size() - checkpoint_trailer_bytes;
+  byte_reader in(bytes.data() + checkpoint_header_bytes, body - checkpoint_header_bytes, who);
+  out.info.step = in.i64("the step");
+  read_checkpoint_params(in, out, who);
+  read_checkpoint_optimizer(in, out, who);
+  read_checkpoint_info(in, out.info, who);
   if (in.remaining() != 0) {
     throw format_error(cat(who, " is corrupted: ", in.remaining(), " unexpected bytes after the metadata"));
   }
   return out;
 }
 
+/// The file's tensor for each given parameter, in the order given: name_error when a name is missing
+/// on either side, shape_error when a shape differs.
 template <typename Scalar>
-io::checkpoint_info load_checkpoint_impl(const std::string& path, const parameter_list<Scalar>& params,
-                                         optim::optimizer<Scalar>* opt) {
-  check_checkpoint_scalar<Scalar>();
-  const std::string who = checkpoint_who(path);
-  check_parameters(params, who);
-  const std::vector<unsigned char> bytes = read_whole_file(path);
-  parsed_checkpoint file = parse_checkpoint(bytes, who);
-  if (file.scalar_size != sizeof(Scalar)) {
-    throw dtype_error(cat(who, " holds ", 8 * file.scalar_size, "-bit floating-point tensors, the parameters are ",
-                          8 * sizeof(Scalar), "-bit"));
-  }
-
-  // Match every given parameter to a tensor of the file, and the file's tensors to the parameters.
+std::vector<const checkpoint_tensor*> match_checkpoint_params(const parsed_checkpoint& file,
+                                                              const parameter_list<Scalar>& params,
+                                                              const std::string& who) {
   std::unordered_map<std::string, const checkpoint_tensor*> by_name;
   for (const auto& t : file.params) by_name.emplace(t.name, &t);
   std::vector<const checkpoint_tensor*> source;
@@ -526,33 +526,54 @@ io::checkpoint_info load_checkpoint_impl(const std::string& path, const paramete
     }
     source.push_back(&t);
   }
-  if (file.params.size() != params.size()) {
-    std::unordered_map<std::string, int> given;
-    for (const auto& p : params) given.emplace(p.name, 0);
-    for (const auto& t : file.params) {
-      if (given.count(t.name) == 0) {
-        throw name_error(
-            cat(who, " holds parameter '", t.name, "', which is not among the ", params.size(), " parameters given"));
-      }
+  if (file.params.size() == params.size()) return source;
+  std::unordered_map<std::string, int> given;
+  for (const auto& p : params) given.emplace(p.name, 0);
+  for (const auto& t : file.params) {
+    if (given.count(t.name) == 0) {
+      throw name_error(
+          cat(who, " holds parameter '", t.name, "', which is not among the ", params.size(), " parameters given"));
     }
   }
+  return source;
+}
 
-  optim::optimizer_state<Scalar> state;
-  if (opt != nullptr) {
-    if (!file.has_optimizer) {
-      throw name_error(cat(who, " holds no optimizer state, but a '", opt->kind(), "' optimizer was given"));
-    }
-    state.kind = file.optimizer_kind;
-    state.step = file.optimizer_step;
-    state.lr = file.optimizer_lr;
-    state.tensors.reserve(file.optimizer_tensors.size());
-    for (const auto& t : file.optimizer_tensors) {
-      vector<Scalar> data(static_cast<index>(t.rows));
-      decode_scalars(t.data, static_cast<std::size_t>(t.rows), data.data());
-      state.tensors.push_back({t.name, std::move(data)});
-    }
-    opt->check_state(state);
+/// The optimizer state of the file, decoded and checked by `opt`.
+template <typename Scalar>
+optim::optimizer_state<Scalar> read_optimizer_state(const parsed_checkpoint& file, const optim::optimizer<Scalar>& opt,
+                                                    const std::string& who) {
+  if (!file.has_optimizer) {
+    throw name_error(cat(who, " holds no optimizer state, but a '", opt.kind(), "' optimizer was given"));
   }
+  optim::optimizer_state<Scalar> state;
+  state.kind = file.optimizer_kind;
+  state.step = file.optimizer_step;
+  state.lr = file.optimizer_lr;
+  state.tensors.reserve(file.optimizer_tensors.size());
+  for (const auto& t : file.optimizer_tensors) {
+    vector<Scalar> data(static_cast<index>(t.rows));
+    decode_scalars(t.data, static_cast<std::size_t>(t.rows), data.data());
+    state.tensors.push_back({t.name, std::move(data)});
+  }
+  opt.check_state(state);
+  return state;
+}
+
+template <typename Scalar>
+checkpoint_info load_checkpoint_impl(const std::string& path, const parameter_list<Scalar>& params,
+                                     optim::optimizer<Scalar>* opt) {
+  check_checkpoint_scalar<Scalar>();
+  const std::string who = checkpoint_who(path);
+  check_parameters(params, who);
+  const std::vector<unsigned char> bytes = read_whole_file(path);
+  parsed_checkpoint file = parse_checkpoint(bytes, who);
+  if (file.scalar_size != sizeof(Scalar)) {
+    throw dtype_error(cat(who, " holds ", 8 * file.scalar_size, "-bit floating-point tensors, the parameters are ",
+                          8 * sizeof(Scalar), "-bit"));
+  }
+  const std::vector<const checkpoint_tensor*> source = match_checkpoint_params(file, params, who);
+  optim::optimizer_state<Scalar> state;
+  if (opt != nullptr) state = read_optimizer_state(file, *opt, who);
 
   // Everything matches: write.
   for (std::size_t k = 0; k < params.size(); ++k) {
@@ -562,96 +583,28 @@ io::checkpoint_info load_checkpoint_impl(const std::string& path, const paramete
   return std::move(file.info);
 }
 
-/// A name for a temporary file next to `target` that no other writer uses.
-inline std::filesystem::path temporary_sibling(const std::filesystem::path& target, int attempt) {
-  static std::atomic<std::uint64_t> counter{0};
-  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
-  rng mix(now ^ (counter.fetch_add(1) << 32) ^ static_cast<std::uint64_t>(attempt) ^
-          static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(&counter)));
-  char token[17];
-  std::snprintf(token, sizeof token, "%016llx", static_cast<unsigned long long>(mix.next_u64()));
-  std::filesystem::path tmp = target;
-  tmp.replace_filename("." + target.filename().string() + ".tmp-" + token);
-  return tmp;
-}
-
-/// Forces a file's data to the storage device.
-inline bool sync_file(std::FILE* file) {
-#if defined(_WIN32)
-  return _commit(_fileno(file)) == 0;
-#else
-  return ::fsync(::fileno(file)) == 0;
-#endif
-}
-
-/// Best effort: makes a rename in `dir` durable (POSIX; a no-op elsewhere).
-inline void sync_directory([[maybe_unused]] const std::filesystem::path& dir) {
-#if !defined(_WIN32)
-  const std::string name = dir.empty() ? std::string(".") : dir.string();
-  const int fd = ::open(name.c_str(), O_RDONLY);
-  if (fd >= 0) {
-    (void)::fsync(fd);
-    (void)::close(fd);
-  }
-#endif
-}
-
-inline void write_file_atomically(const std::string& path, const std::function<void(std::FILE*)>& fill) {
-  const std::filesystem::path target(path);
-  if (target.filename().empty()) throw io_error(cat("cannot write '", path, "': it names no file"));
-  std::filesystem::path tmp;
-  std::FILE* file = nullptr;
-  for (int attempt = 0; attempt < 16 && file == nullptr; ++attempt) {
-    tmp = temporary_sibling(target, attempt);
-    file = std::fopen(tmp.string().c_str(), "wbx");  // x: fail rather than reuse an existing file
-    if (file == nullptr && errno != EEXIST) break;
-  }
-  if (file == nullptr) {
-    throw io_error(
-        cat("cannot write '", path, "': cannot create a temporary file in its directory (", std::strerror(errno), ")"));
-  }
-  try {
-    fill(file);
-    if (std::fflush(file) != 0) throw io_error(cat("cannot write '", path, "': ", std::strerror(errno)));
-    if (!sync_file(file)) throw io_error(cat("cannot sync '", path, "' to disk: ", std::strerror(errno)));
-    const int closed = std::fclose(file);
-    file = nullptr;
-    if (closed != 0) throw io_error(cat("cannot write '", path, "': ", std::strerror(errno)));
-    std::error_code ec;
-    std::filesystem::rename(tmp, target, ec);
-    if (ec)
-      throw io_error(cat("cannot write '", path, "': renaming the temporary file over it failed (", ec.message(), ")"));
-  } catch (...) {
-    if (file != nullptr) std::fclose(file);
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    throw;
-  }
-  sync_directory(target.parent_path());
-}
-
-}  // namespace lora::detail
+}  // namespace lora::io::detail
 
 namespace lora::io {
 
 template <typename Scalar>
 void save_checkpoint(const std::string& path, const parameter_list<Scalar>& params, const checkpoint_info& info) {
-  lora::detail::save_checkpoint_impl<Scalar>(path, params, nullptr, info);
+  detail::save_checkpoint_impl<Scalar>(path, params, nullptr, info);
 }
 
 template <typename Scalar>
 void save_checkpoint(const std::string& path, const optim::optimizer<Scalar>& opt, const checkpoint_info& info) {
-  lora::detail::save_checkpoint_impl<Scalar>(path, opt.parameters(), &opt, info);
+  detail::save_checkpoint_impl<Scalar>(path, opt.parameters(), &opt, info);
 }
 
 template <typename Scalar>
 checkpoint_info load_checkpoint(const std::string& path, const parameter_list<Scalar>& params) {
-  return lora::detail::load_checkpoint_impl<Scalar>(path, params, nullptr);
+  return detail::load_checkpoint_impl<Scalar>(path, params, nullptr);
 }
 
 template <typename Scalar>
 checkpoint_info load_checkpoint(const std::string& path, optim::optimizer<Scalar>& opt) {
-  return lora::detail::load_checkpoint_impl<Scalar>(path, opt.parameters(), &opt);
+  return detail::load_checkpoint_impl<Scalar>(path, opt.parameters(), &opt);
 }
 
 }  // namespace lora::io

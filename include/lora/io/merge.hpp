@@ -35,7 +35,9 @@
 #include <utility>
 #include <vector>
 
-#include "peft.hpp"
+#include "module_match.hpp"
+#include "peft_config.hpp"
+#include "peft_file.hpp"
 #include "safetensors.hpp"
 
 namespace lora::io {
@@ -105,6 +107,62 @@ void merge_weight(matrix<double>& w, const peft_module& m, double s, bool transp
 /// Output dtype of a base tensor of dtype `type`.
 dtype merged_dtype(dtype type, const merge_options& options) noexcept;
 
+/// plan_merge's state: the base checkpoint's names as match candidates, and which base tensor each
+/// adapter item has claimed.
+class merge_planner {
+ public:
+  merge_planner(const safetensors_file& base, const peft_adapter_file& adapter, const merge_options& options);
+  /// Where adapter module k merges, checked (name, shape, dtype; its bias too).
+  merge_plan::module_target plan_module(std::size_t k);
+  /// Which base tensor a whole adapter tensor replaces, checked.
+  merge_plan::replacement plan_replacement(const tensor_info& t);
+
+ private:
+  void claim(const std::string& tensor, const std::string& item);
+  void require_float(const tensor_info& t, const std::string& what) const;
+  std::string plan_bias(const peft_module_info& m, const std::string& module_path, const std::string& what);
+
+  const safetensors_file& m_base;
+  const peft_adapter_file& m_adapter;
+  const merge_options& m_options;
+  std::vector<std::string> m_weight_modules;  ///< "<p>" of every base tensor "<p>.weight"
+  std::vector<std::string> m_all_names;       ///< every base tensor name
+  suffix_index m_by_module;
+  suffix_index m_by_name;
+  std::map<std::string, std::string> m_claimed;  ///< base tensor -> adapter item
+};
+
+/// merge_checkpoint's output side: writes each base tensor merged, replaced, copied or converted.
+class merge_writer {
+ public:
+  merge_writer(const safetensors_file& base, const peft_adapter_file& adapter, const merge_plan& plan,
+               const merge_options& options, const std::string& out_path);
+  /// Writes base tensor `t` in the output, as the plan says.
+  void write(const tensor_info& t);
+  /// Makes the output durable and replaces out_path.
+  merge_report commit();
+
+ private:
+  void write_weight(const tensor_info& t, const merge_plan::module_target& target);
+  void write_bias(const tensor_info& t, const merge_plan::module_target& target);
+  void write_replacement(const tensor_info& t, const merge_plan::replacement& r, dtype to);
+  void write_base(const tensor_info& t, dtype to);
+  // Writes values (row-major entries of `t`'s shape) in the output dtype.
+  void write_values(const tensor_info& t, const vector<double>& values);
+  // Converts stored bytes of dtype `from` to dtype `to` in bounded chunks (no double copy of the tensor).
+  void write_converted(const std::string& name, const unsigned char* data, std::size_t size, dtype from, dtype to);
+  void check_finite(bool before_finite, const Eigen::Ref<const matrix<double>>& after, const std::string& what) const;
+  static std::vector<tensor_spec> output_layout(const safetensors_file& base, const merge_options& options);
+
+  const safetensors_file& m_base;
+  const peft_adapter_file& m_adapter;
+  const merge_options& m_options;
+  std::map<std::string, const merge_plan::module_target*> m_by_weight, m_by_bias;
+  std::map<std::string, const merge_plan::replacement*> m_by_replaced;
+  safetensors_stream_writer m_out;
+  merge_report m_report;
+};
+
 }  // namespace detail
 
 // ===================================================================================================
@@ -133,6 +191,241 @@ inline void merge_weight(matrix<double>& w, const peft_module& m, double s, bool
   }
 }
 
+/// "<p>" of every base tensor named "<p>.weight".
+inline std::vector<std::string> weight_module_paths(const safetensors_file& base) {
+  std::vector<std::string> paths;
+  constexpr std::string_view suffix = ".weight";
+  for (const tensor_info& t : base.tensors()) {
+    if (t.name.size() > suffix.size() && t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      paths.push_back(t.name.substr(0, t.name.size() - suffix.size()));
+    }
+  }
+  return paths;
+}
+
+inline std::vector<std::string> tensor_names(const safetensors_file& file) {
+  std::vector<std::string> names;
+  for (const tensor_info& t : file.tensors()) names.push_back(t.name);
+  return names;
+}
+
+inline merge_planner::merge_planner(const safetensors_file& base, const peft_adapter_file& adapter,
+                                    const merge_options& options)
+    : m_base(base),
+      m_adapter(adapter),
+      m_options(options),
+      m_weight_modules(weight_module_paths(base)),
+      m_all_names(tensor_names(base)),
+      m_by_module(m_weight_modules),
+      m_by_name(m_all_names) {}
+
+inline void merge_planner::claim(const std::string& tensor, const std::string& item) {
+  const auto [it, fresh] = m_claimed.emplace(tensor, item);
+  if (!fresh) {
+    throw name_error(cat("merge: base tensor '", tensor, "' is targeted by both ", it->second, " and ", item));
+  }
+}
+
+inline void merge_planner::require_float(const tensor_info& t, const std::string& what) const {
+  if (!is_float_dtype(t.type)) {
+    throw dtype_error(cat("merge: ", what, ": base tensor '", t.name, "' is ", dtype_name(t.type),
+                          "; only F16, BF16, F32 and F64 weights can be merged into"));
+  }
+}
+
+inline merge_plan::module_target merge_planner::plan_module(std::size_t k) {
+  const peft_module_info& m = m_adapter.modules()[k];
+  const peft_config& config = m_adapter.config();
+  const std::string what = cat("adapter module '", m.path, "'");
+  const std::ptrdiff_t found = m_by_module.find(m.path, what);
+  if (found < 0) {
+    throw name_error(cat("merge: ", what, " matches no '<module>.weight' tensor of the base checkpoint '",
+                         m_base.path(), "' (", m_base.tensors().size(), " tensors, e.g. ", list_names(m_all_names, 3),
+                         ")"));
+  }
+  const std::string& module_path = m_weight_modules[static_cast<std::size_t>(found)];
+  merge_plan::module_target target;
+  target.module = k;
+  target.weight = module_path + ".weight";
+  target.scaling = m_options.scale * config.scaling_for(m.path);
+  const tensor_info& w = m_base.info(target.weight);
+  require_float(w, what);
+  // Stored shape: [out, in], or [in, out] with fan_in_fan_out; an embedding is [num_embeddings, dim].
+  const bool transposed = m.embedding || config.fan_in_fan_out;
+  const std::vector<std::int64_t> expected =
+      transposed ? std::vector<std::int64_t>{m.in, m.out} : std::vector<std::int64_t>{m.out, m.in};
+  if (w.shape != expected) {
+    throw shape_error(cat("merge: ", what, " (", m.embedding ? "embedding" : "linear", ", in = ", m.in,
+                          ", out = ", m.out, config.fan_in_fan_out && !m.embedding ? ", fan_in_fan_out" : "",
+                          ") needs base tensor '", target.weight, "' to be ", shape_to_string(expected), ", got ",
+                          shape_to_string(w.shape)));
+  }
+  if (!m.magnitude_key.empty() && m.embedding) {
+    throw config_error(cat("merge: ", what, ": DoRA on an embedding cannot be merged by this tool"));
+  }
+  claim(target.weight, what);
+  if (!m.bias_key.empty()) target.bias = plan_bias(m, module_path, what);
+  return target;
+}
+
+inline std::string merge_planner::plan_bias(const peft_module_info& m, const std::string& module_path,
+                                            const std::string& what) {
+  const std::string bias = module_path + ".bias";
+  if (!m_base.contains(bias)) {
+    throw name_error(cat("merge: ", what, " has lora_B.bias but the base has no '", bias,
+                         "' to add it to (PEFT cannot merge it either)"));
+  }
+  const tensor_info& b = m_base.info(bias);
+  require_float(b, what);
+  if (b.numel() != m.out || b.rank() != 1) {
+    throw shape_error(
+        cat("merge: ", what, ": base bias '", bias, "' must be [", m.out, "], got ", shape_to_string(b.shape)));
+  }
+  claim(bias, what + " (lora_B.bias)");
+  return bias;
+}
+
+inline merge_plan::replacement merge_planner::plan_replacement(const tensor_info& t) {
+  const std::string path = t.name.substr(peft_key_prefix.size());
+  const std::string what = cat("adapter tensor '", path, "'");
+  const std::ptrdiff_t found = m_by_name.find(path, what);
+  if (found < 0) {
+    throw name_error(cat("merge: ", what,
+                         " (modules_to_save or a saved bias) matches no tensor of the base checkpoint '", m_base.path(),
+                         "'"));
+  }
+  const tensor_info& b = m_base.info(m_all_names[static_cast<std::size_t>(found)]);
+  if (b.shape != t.shape) {
+    throw shape_error(cat("merge: ", what, " is ", shape_to_string(t.shape), " but base tensor '", b.name, "' is ",
+                          shape_to_string(b.shape)));
+  }
+  if (t.type != b.type && !(is_float_dtype(t.type) && is_float_dtype(b.type))) {
+    throw dtype_error(cat("merge: ", what, " is ", dtype_name(t.type), " but base tensor '", b.name, "' is ",
+                          dtype_name(b.type), "; only floating-point tensors are converted"));
+  }
+  claim(b.name, what);
+  return merge_plan::replacement{t.name, b.name};
+}
+
+inline std::vector<tensor_spec> merge_writer::output_layout(const safetensors_file& base,
+                                                            const merge_options& options) {
+  // Same names, shapes and order as the base; floating-point dtypes as asked.
+  std::vector<tensor_spec> layout;
+  for (const tensor_info& t : base.tensors())
+    layout.push_back(tensor_spec{t.name, merged_dtype(t.type, options), t.shape});
+  return layout;
+}
+
+inline merge_writer::merge_writer(const safetensors_file& base, const peft_adapter_file& adapter,
+                                  const merge_plan& plan, const merge_options& options, const std::string& out_path)
+    : m_base(base),
+      m_adapter(adapter),
+      m_options(options),
+      m_out(out_path, output_layout(base, options), base.metadata()) {
+  for (const auto& m : plan.modules) {
+    m_by_weight.emplace(m.weight, &m);
+    if (!m.bias.empty()) m_by_bias.emplace(m.bias, &m);
+  }
+  for (const auto& r : plan.replacements) m_by_replaced.emplace(r.base, &r);
+}
+
+inline void merge_writer::write(const tensor_info& t) {
+  const dtype to = merged_dtype(t.type, m_options);
+  if (const auto it = m_by_weight.find(t.name); it != m_by_weight.end()) {
+    write_weight(t, *it->second);
+  } else if (const auto ib = m_by_bias.find(t.name); ib != m_by_bias.end()) {
+    write_bias(t, *ib->second);
+  } else if (const auto ir = m_by_replaced.find(t.name); ir != m_by_replaced.end()) {
+    write_replacement(t, *ir->second, to);
+  } else {
+    write_base(t, to);
+  }
+  ++m_report.tensors;
+  if (m_options.progress) m_options.progress(m_report.tensors, m_base.tensors().size(), t.name);
+}
+
+inline merge_report merge_writer::commit() {
+  m_out.commit();
+  return m_report;
+}
+
+inline void merge_writer::write_weight(const tensor_info& t, const merge_plan::module_target& target) {
+  const peft_module_info& info = m_adapter.modules()[target.module];
+  const peft_module m = m_adapter.read_module(info);
+  matrix<double> w = m_base.read_matrix<double>(t.name);
+  const bool finite = w.allFinite();
+  merge_weight(w, m, target.scaling, info.embedding || m_adapter.config().fan_in_fan_out);
+  check_finite(finite, w, cat("adapter module '", info.path, "'"));
+  m_out.write(t.name, w);
+  m_report.merged.emplace_back(info.path, t.name);
+}
+
+inline void merge_writer::write_bias(const tensor_info& t, const merge_plan::module_target& target) {
+  const peft_module_info& info = m_adapter.modules()[target.module];
+  vector<double> bias = m_base.read_vector<double>(t.name);
+  const bool finite = bias.allFinite();
+  bias += target.scaling * m_adapter.tensors().read_vector<double>(info.bias_key);
+  check_finite(finite, bias, cat("adapter module '", info.path, "' (lora_B.bias)"));
+  write_values(t, bias);
+  m_report.merged.emplace_back(info.path, t.name);
+}
+
+inline void merge_writer::write_replacement(const tensor_info& t, const merge_plan::replacement& r, dtype to) {
+  const tensor_info& source = m_adapter.tensors().info(r.key);
+  const tensor_bytes bytes = m_adapter.tensors().raw(source.name);
+  if (source.type == to) {
+    m_out.write_raw(t.name, bytes.data(), bytes.size());
+  } else {
+    write_converted(t.name, bytes.data(), bytes.size(), source.type, to);
+  }
+  m_report.replaced.emplace_back(source.name.substr(peft_key_prefix.size()), t.name);
+}
+
+inline void merge_writer::write_base(const tensor_info& t, dtype to) {
+  const tensor_bytes bytes = m_base.raw(t.name);
+  if (to == t.type) {
+    if (bytes.size() != 0) m_out.write_raw(t.name, bytes.data(), bytes.size());
+    ++m_report.copied;
+  } else {
+    if (bytes.size() != 0) write_converted(t.name, bytes.data(), bytes.size(), t.type, to);
+    ++m_report.converted;
+  }
+}
+
+inline void merge_writer::write_values(const tensor_info& t, const vector<double>& values) {
+  if (t.rank() == 2) {
+    const Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(
+        values.data(), static_cast<index>(t.shape[0]), static_cast<index>(t.shape[1]));
+    m_out.write(t.name, m);
+  } else {
+    m_out.write(t.name, values);
+  }
+}
+
+inline void merge_writer::write_converted(const std::string& name, const unsigned char* data, std::size_t size,
+                                          dtype from, dtype to) {
+  const std::size_t in_width = dtype_size(from), out_width = dtype_size(to);
+  const std::size_t count = size / in_width;
+  std::vector<unsigned char> bytes(count * out_width);
+  std::vector<double> buffer;
+  const std::size_t step = chunk_bytes / sizeof(double);
+  for (std::size_t done = 0; done < count; done += step) {
+    const std::size_t n = std::min(step, count - done);
+    buffer.resize(n);
+    decode<double>(from, data + done * in_width, n, buffer.data());
+    encode<double>(to, buffer.data(), n, bytes.data() + done * out_width);
+  }
+  m_out.write_raw(name, bytes.data(), bytes.size());
+}
+
+inline void merge_writer::check_finite(bool before_finite, const Eigen::Ref<const matrix<double>>& after,
+                                       const std::string& what) const {
+  if (m_options.safe && before_finite && !after.allFinite()) {
+    throw numeric_error(
+        cat("merge: ", what, " would put non-finite values in a finite base tensor; nothing was written"));
+  }
+}
+
 }  // namespace detail
 
 inline merge_plan plan_merge(const safetensors_file& base, const peft_adapter_file& adapter,
@@ -141,208 +434,22 @@ inline merge_plan plan_merge(const safetensors_file& base, const peft_adapter_fi
     throw dtype_error(
         detail::cat("merge: the output dtype must be F16, BF16, F32 or F64, got ", dtype_name(*options.out_dtype)));
   }
-  if (!std::isfinite(options.scale))
+  if (!std::isfinite(options.scale)) {
     throw config_error(detail::cat("merge: scale must be finite, got ", options.scale));
-  const peft_config& config = adapter.config();
-
-  // Candidates: base module paths (tensors named "<p>.weight") for LoRA modules, every tensor name for
-  // whole-tensor replacements.
-  std::vector<std::string> weight_modules, all_names;
-  for (const tensor_info& t : base.tensors()) {
-    all_names.push_back(t.name);
-    constexpr std::string_view suffix = ".weight";
-    if (t.name.size() > suffix.size() && t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) == 0) {
-      weight_modules.push_back(t.name.substr(0, t.name.size() - suffix.size()));
-    }
   }
-  const detail::suffix_index by_module(weight_modules);
-  const detail::suffix_index by_name(all_names);
-  std::map<std::string, std::string> claimed;  // base tensor -> adapter item
-  auto claim = [&](const std::string& tensor, const std::string& item) {
-    const auto [it, fresh] = claimed.emplace(tensor, item);
-    if (!fresh) {
-      throw name_error(
-          detail::cat("merge: base tensor '", tensor, "' is targeted by both ", it->second, " and ", item));
-    }
-  };
-  auto require_float = [&](const tensor_info& t, const std::string& what) {
-    if (!detail::is_float_dtype(t.type)) {
-      throw dtype_error(detail::cat("merge: ", what, ": base tensor '", t.name, "' is ", dtype_name(t.type),
-                                    "; only F16, BF16, F32 and F64 weights can be merged into"));
-    }
-  };
-
+  detail::merge_planner planner(base, adapter, options);
   merge_plan plan;
-  const auto& modules = adapter.modules();
-  for (std::size_t k = 0; k < modules.size(); ++k) {
-    const peft_module_info& m = modules[k];
-    const std::string what = detail::cat("adapter module '", m.path, "'");
-    const std::ptrdiff_t found = by_module.find(m.path, what);
-    if (found < 0) {
-      throw name_error(detail::cat("merge: ", what, " matches no '<module>.weight' tensor of the base checkpoint '",
-                                   base.path(), "' (", base.tensors().size(), " tensors, e.g. ",
-                                   detail::list_names(all_names, 3), ")"));
-    }
-    merge_plan::module_target target;
-    target.module = k;
-    target.weight = weight_modules[static_cast<std::size_t>(found)] + ".weight";
-    target.scaling = options.scale * config.scaling_for(m.path);
-    const tensor_info& w = base.info(target.weight);
-    require_float(w, what);
-    // Stored shape: [out, in], or [in, out] with fan_in_fan_out; an embedding is [num_embeddings, dim].
-    const bool transposed = m.embedding || config.fan_in_fan_out;
-    const std::vector<std::int64_t> expected =
-        transposed ? std::vector<std::int64_t>{m.in, m.out} : std::vector<std::int64_t>{m.out, m.in};
-    if (w.shape != expected) {
-      throw shape_error(detail::cat("merge: ", what, " (", m.embedding ? "embedding" : "linear", ", in = ", m.in,
-                                    ", out = ", m.out, config.fan_in_fan_out && !m.embedding ? ", fan_in_fan_out" : "",
-                                    ") needs base tensor '", target.weight, "' to be ",
-                                    detail::shape_to_string(expected), ", got ", detail::shape_to_string(w.shape)));
-    }
-    if (!m.magnitude_key.empty() && m.embedding) {
-      throw config_error(detail::cat("merge: ", what, ": DoRA on an embedding cannot be merged by this tool"));
-    }
-    claim(target.weight, what);
-    if (!m.bias_key.empty()) {
-      target.bias = weight_modules[static_cast<std::size_t>(found)] + ".bias";
-      if (!base.contains(target.bias)) {
-        throw name_error(detail::cat("merge: ", what, " has lora_B.bias but the base has no '", target.bias,
-                                     "' to add it to (PEFT cannot merge it either)"));
-      }
-      const tensor_info& b = base.info(target.bias);
-      require_float(b, what);
-      if (b.numel() != m.out || b.rank() != 1) {
-        throw shape_error(detail::cat("merge: ", what, ": base bias '", target.bias, "' must be [", m.out, "], got ",
-                                      detail::shape_to_string(b.shape)));
-      }
-      claim(target.bias, what + " (lora_B.bias)");
-    }
-    plan.modules.push_back(std::move(target));
-  }
-  for (const tensor_info& t : adapter.full_tensors()) {
-    const std::string path = t.name.substr(peft_key_prefix.size());
-    const std::string what = detail::cat("adapter tensor '", path, "'");
-    const std::ptrdiff_t found = by_name.find(path, what);
-    if (found < 0) {
-      throw name_error(detail::cat("merge: ", what,
-                                   " (modules_to_save or a saved bias) matches no tensor of the base "
-                                   "checkpoint '",
-                                   base.path(), "'"));
-    }
-    const tensor_info& b = base.info(all_names[static_cast<std::size_t>(found)]);
-    if (b.shape != t.shape) {
-      throw shape_error(detail::cat("merge: ", what, " is ", detail::shape_to_string(t.shape), " but base tensor '",
-                                    b.name, "' is ", detail::shape_to_string(b.shape)));
-    }
-    if (t.type != b.type && !(detail::is_float_dtype(t.type) && detail::is_float_dtype(b.type))) {
-      throw dtype_error(detail::cat("merge: ", what, " is ", dtype_name(t.type), " but base tensor '", b.name, "' is ",
-                                    dtype_name(b.type), "; only floating-point tensors are converted"));
-    }
-    claim(b.name, what);
-    plan.replacements.push_back(merge_plan::replacement{t.name, b.name});
-  }
+  for (std::size_t k = 0; k < adapter.modules().size(); ++k) plan.modules.push_back(planner.plan_module(k));
+  for (const tensor_info& t : adapter.full_tensors()) plan.replacements.push_back(planner.plan_replacement(t));
   return plan;
 }
 
 inline merge_report merge_checkpoint(const safetensors_file& base, const peft_adapter_file& adapter,
                                      const std::string& out_path, const merge_options& options) {
   const merge_plan plan = plan_merge(base, adapter, options);
-  const bool transposed_linear = adapter.config().fan_in_fan_out;
-  std::map<std::string, const merge_plan::module_target*> by_weight, by_bias;
-  std::map<std::string, const merge_plan::replacement*> by_replaced;
-  for (const auto& m : plan.modules) {
-    by_weight.emplace(m.weight, &m);
-    if (!m.bias.empty()) by_bias.emplace(m.bias, &m);
-  }
-  for (const auto& r : plan.replacements) by_replaced.emplace(r.base, &r);
-
-  // Same names, shapes and order as the base; floating-point dtypes as asked.
-  std::vector<tensor_spec> layout;
-  for (const tensor_info& t : base.tensors()) {
-    layout.push_back(tensor_spec{t.name, detail::merged_dtype(t.type, options), t.shape});
-  }
-  safetensors_stream_writer out(out_path, layout, base.metadata());
-
-  merge_report report;
-  const std::size_t total = base.tensors().size();
-  // Writes values (row-major entries of `t`'s shape) in the output dtype.
-  auto write_values = [&](const tensor_info& t, const vector<double>& values) {
-    if (t.rank() == 2) {
-      const Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(
-          values.data(), static_cast<index>(t.shape[0]), static_cast<index>(t.shape[1]));
-      out.write(t.name, m);
-    } else {
-      out.write(t.name, values);
-    }
-  };
-  // Converts stored bytes of dtype `from` to dtype `to` in bounded chunks (no double copy of the tensor).
-  auto write_converted = [&](const std::string& name, const unsigned char* data, std::size_t size, dtype from,
-                             dtype to) {
-    const std::size_t in_width = dtype_size(from), out_width = dtype_size(to);
-    const std::size_t count = size / in_width;
-    std::vector<unsigned char> bytes(count * out_width);
-    std::vector<double> buffer;
-    const std::size_t step = detail::chunk_bytes / sizeof(double);
-    for (std::size_t done = 0; done < count; done += step) {
-      const std::size_t n = std::min(step, count - done);
-      buffer.resize(n);
-      detail::decode<double>(from, data + done * in_width, n, buffer.data());
-      detail::encode<double>(to, buffer.data(), n, bytes.data() + done * out_width);
-    }
-    out.write_raw(name, bytes.data(), bytes.size());
-  };
-  auto check_finite = [&](bool before_finite, const Eigen::Ref<const matrix<double>>& after, const std::string& what) {
-    if (options.safe && before_finite && !after.allFinite()) {
-      throw numeric_error(
-          detail::cat("merge: ", what, " would put non-finite values in a finite base tensor; nothing was written"));
-    }
-  };
-
-  std::size_t done = 0;
-  for (const tensor_info& t : base.tensors()) {
-    const dtype to = detail::merged_dtype(t.type, options);
-    if (const auto it = by_weight.find(t.name); it != by_weight.end()) {
-      const merge_plan::module_target& target = *it->second;
-      const peft_module_info& info = adapter.modules()[target.module];
-      const peft_module m = adapter.read_module(info);
-      matrix<double> w = base.read_matrix<double>(t.name);
-      const bool finite = w.allFinite();
-      detail::merge_weight(w, m, target.scaling, info.embedding || transposed_linear);
-      check_finite(finite, w, detail::cat("adapter module '", info.path, "'"));
-      out.write(t.name, w);
-      report.merged.emplace_back(info.path, t.name);
-    } else if (const auto ib = by_bias.find(t.name); ib != by_bias.end()) {
-      const peft_module_info& info = adapter.modules()[ib->second->module];
-      vector<double> bias = base.read_vector<double>(t.name);
-      const bool finite = bias.allFinite();
-      bias += ib->second->scaling * adapter.tensors().read_vector<double>(info.bias_key);
-      check_finite(finite, bias, detail::cat("adapter module '", info.path, "' (lora_B.bias)"));
-      write_values(t, bias);
-      report.merged.emplace_back(info.path, t.name);
-    } else if (const auto ir = by_replaced.find(t.name); ir != by_replaced.end()) {
-      const tensor_info& source = adapter.tensors().info(ir->second->key);
-      const tensor_bytes bytes = adapter.tensors().raw(source.name);
-      if (source.type == to) {
-        out.write_raw(t.name, bytes.data(), bytes.size());
-      } else {
-        write_converted(t.name, bytes.data(), bytes.size(), source.type, to);
-      }
-      report.replaced.emplace_back(source.name.substr(peft_key_prefix.size()), t.name);
-    } else if (to == t.type) {
-      const tensor_bytes bytes = base.raw(t.name);
-      if (bytes.size() != 0) out.write_raw(t.name, bytes.data(), bytes.size());
-      ++report.copied;
-    } else {
-      const tensor_bytes bytes = base.raw(t.name);
-      if (bytes.size() != 0) write_converted(t.name, bytes.data(), bytes.size(), t.type, to);
-      ++report.converted;
-    }
-    ++done;
-    if (options.progress) options.progress(done, total, t.name);
-  }
-  out.commit();
-  report.tensors = total;
-  return report;
+  detail::merge_writer out(base, adapter, plan, options, out_path);
+  for (const tensor_info& t : base.tensors()) out.write(t);
+  return out.commit();
 }
 
 inline merge_report merge_checkpoint(const std::string& base_path, const std::string& adapter_dir,

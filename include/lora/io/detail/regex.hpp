@@ -7,14 +7,28 @@
 // never recurses, and the program is capped at max_regex_program instructions, so any pattern either
 // compiles into a bounded matcher or is refused with a format_error.
 //
+// Why not RE2 (linear time too, and well kept), decided on the merits:
+//   - lora::io is header-only: an INTERFACE target whose one dependency is nlohmann/json (itself
+//     header-only). RE2 is a compiled library that, since 2023, also pulls in Abseil; every consumer
+//     of find_package(lora) would have to find and link both, for a feature that matches module
+//     names of a few dozen characters.
+//   - PEFT evaluates these patterns with Python's `re`, and RE2's syntax differs where it matters
+//     here: `$` matches only at the very end (Python also before a final "\n"), `\Z` and `(?#...)`
+//     are refused, `{,n}` is a literal (a quantifier in Python). A translation layer in front of RE2
+//     would be a parser of its own.
+//   - The matcher below is ~600 lines with no recursion at match time, tested against Python's
+//     semantics (tests/test_module_match.cpp) and fuzzed, on its own (tests/fuzz/fuzz_regex.cpp) and
+//     inside whole adapter configs (tests/fuzz/fuzz_peft.cpp).
+//
 // Syntax (Python semantics): literals; `.` (any code point but '\n'); classes `[...]`, `[^...]` with
 // ranges and \d \w \s \D \W \S; groups `(...)`, `(?:...)`, `(?P<name>...)`, comments `(?#...)`;
 // alternation `|`; quantifiers `* + ? {m} {m,} {,n} {m,n}`, each optionally lazy (`*?` ...; laziness
 // does not change whether a match exists); anchors `^ $ \A \Z`; escapes \n \t \r \f \v \a \xhh and
 // escaped punctuation. Refused as unsupported: backreferences, lookaround, inline flags, \b \B, \u,
 // \U, \N, octal escapes, possessive quantifiers. Text and pattern are UTF-8 and are matched code point
-// by code point; \d is ASCII digits, \s ASCII white space, and \w ASCII letters, digits, '_' and every
-// code point from U+0080 up (Python's Unicode tables are finer; module names are ASCII in practice).
+// by code point (a byte that is not well-formed UTF-8 is a code point of its own, detail::decode_utf8); \d is ASCII
+// digits, \s ASCII white space, and \w ASCII letters, digits, '_' and every code point from U+0080 up (Python's Unicode
+// tables are finer; module names are ASCII in practice).
 #pragma once
 
 #include <cstddef>
@@ -24,6 +38,7 @@
 #include <vector>
 
 #include "../../error.hpp"
+#include "utf8.hpp"
 
 namespace lora::io::detail {
 
@@ -67,10 +82,13 @@ class regex {
   };
   static constexpr std::uint32_t unbounded = 0xFFFFFFFFu;
   class parser;
+  class pike_vm;
 
   bool run(std::string_view text, bool full) const;
   static std::size_t size_of(const node& n);
   void emit(const node& n);
+  void emit_alt(const node& n);
+  void emit_repeat(const node& n);
   int add(op code, char32_t c = 0, int x = 0, int y = 0);
 
   std::string m_pattern;
@@ -78,34 +96,7 @@ class regex {
   std::vector<char_class> m_classes;
 };
 
-/// UTF-8 to code points; a byte that does not start a well-formed sequence stands for itself.
-std::u32string decode_utf8(std::string_view s);
-
 // ---------------------------------------------------------------------------------------------------
-
-inline std::u32string decode_utf8(std::string_view s) {
-  std::u32string out;
-  out.reserve(s.size());
-  for (std::size_t i = 0; i < s.size();) {
-    const auto b = static_cast<unsigned char>(s[i]);
-    std::size_t len = b < 0x80 ? 1 : (b >> 5) == 0x6 ? 2 : (b >> 4) == 0xE ? 3 : (b >> 3) == 0x1E ? 4 : 0;
-    char32_t cp = len == 1 ? b : len == 2 ? (b & 0x1F) : len == 3 ? (b & 0x0F) : (b & 0x07);
-    bool ok = len != 0 && i + len <= s.size();
-    for (std::size_t k = 1; ok && k < len; ++k) {
-      const auto t = static_cast<unsigned char>(s[i + k]);
-      if ((t & 0xC0) != 0x80) ok = false;
-      cp = (cp << 6) | (t & 0x3F);
-    }
-    if (!ok) {
-      out.push_back(b);
-      ++i;
-    } else {
-      out.push_back(cp);
-      i += len;
-    }
-  }
-  return out;
-}
 
 inline bool regex::char_class::contains(char32_t c) const {
   const bool is_digit = c >= U'0' && c <= U'9';
@@ -166,36 +157,43 @@ class regex::parser {
     return cat;
   }
 
+  // Reads the quantifier at m_pos into [lo, hi] (hi = unbounded for none); false, with m_pos
+  // unchanged, when none follows ('{' that does not start a counted repeat is a literal).
+  bool quantifier(std::uint32_t& lo, std::uint32_t& hi) {
+    if (at_end()) return false;
+    const std::size_t here = m_pos;
+    lo = 0;
+    hi = unbounded;
+    switch (peek()) {
+      case U'*':
+        break;
+      case U'+':
+        lo = 1;
+        break;
+      case U'?':
+        hi = 1;
+        break;
+      case U'{':
+        if (counted(lo, hi)) return true;
+        m_pos = here;
+        return false;
+      default:
+        return false;
+    }
+    ++m_pos;
+    return true;
+  }
+
   // Applies any quantifier that follows; `target` is the item just parsed.
   void quantifiers(node& target) {
-    bool quantified = false;
-    while (!at_end()) {
+    for (bool quantified = false;; quantified = true) {
       const std::size_t here = m_pos;
-      std::uint32_t lo = 0, hi = unbounded;
-      const char32_t c = peek();
-      if (c == U'*') {
-        ++m_pos;
-      } else if (c == U'+') {
-        ++m_pos;
-        lo = 1;
-      } else if (c == U'?') {
-        ++m_pos;
-        hi = 1;
-      } else if (c == U'{') {
-        if (!counted(lo, hi)) {
-          m_pos = here;  // not a quantifier: '{' is a literal, parsed as the next atom
-          return;
-        }
-      } else {
-        return;
-      }
-      if (quantified) {
+      std::uint32_t lo = 0, hi = 0;
+      if (!quantifier(lo, hi)) return;
+      const bool anchor = target.kind == node::bol || target.kind == node::eol || target.kind == node::eos;
+      if (quantified || anchor) {
         m_pos = here;
-        fail("multiple repeat (possessive quantifiers are not supported)");
-      }
-      if (target.kind == node::bol || target.kind == node::eol || target.kind == node::eos) {
-        m_pos = here;
-        fail("nothing to repeat");
+        fail(quantified ? "multiple repeat (possessive quantifiers are not supported)" : "nothing to repeat");
       }
       eat(U'?');  // lazy: same set of matches
       node rep;
@@ -204,7 +202,6 @@ class regex::parser {
       rep.max = hi;
       rep.kids.push_back(std::move(target));
       target = std::move(rep);
-      quantified = true;
     }
   }
 
@@ -284,27 +281,26 @@ class regex::parser {
     }
   }
 
-  node group(int depth) {
-    if (eat(U'?')) {
-      if (eat(U':')) {
-        // non-capturing group
-      } else if (eat(U'P')) {
-        if (!eat(U'<')) fail("named backreferences (?P=...) are not supported");
-        std::size_t length = 0;
-        while (!at_end() && peek() != U'>') {
-          ++m_pos;
-          ++length;
-        }
-        if (at_end() || length == 0) fail("bad group name");
-        ++m_pos;  // '>'
-      } else if (eat(U'#')) {
-        while (!at_end() && peek() != U')') ++m_pos;
-        if (!eat(U')')) fail("missing ), unterminated comment");
-        return node{};
-      } else {
-        fail("lookaround assertions and inline flags are not supported");
-      }
+  // The "(?...)" extension after '(': false for a comment, which is consumed whole; true for a group
+  // whose body follows ("(?:", "(?P<name>"); format_error for what is not supported.
+  bool group_extension() {
+    if (eat(U':')) return true;  // non-capturing group
+    if (eat(U'#')) {
+      while (!at_end() && peek() != U')') ++m_pos;
+      if (!eat(U')')) fail("missing ), unterminated comment");
+      return false;
     }
+    if (!eat(U'P')) fail("lookaround assertions and inline flags are not supported");
+    if (!eat(U'<')) fail("named backreferences (?P=...) are not supported");
+    const std::size_t name = m_pos;
+    while (!at_end() && peek() != U'>') ++m_pos;
+    if (at_end() || m_pos == name) fail("bad group name");
+    ++m_pos;  // '>'
+    return true;
+  }
+
+  node group(int depth) {
+    if (eat(U'?') && !group_extension()) return node{};  // a comment
     node inner = alternation(depth + 1);
     if (!eat(U')')) fail("missing ), unterminated subpattern");
     if (inner.kind == node::empty) {
@@ -315,74 +311,57 @@ class regex::parser {
     return inner;
   }
 
+  // The value of \xhh; m_pos is just past the 'x'.
+  char32_t hex_escape() {
+    char32_t v = 0;
+    for (int k = 0; k < 2; ++k) {
+      if (at_end()) fail("incomplete escape \\x");
+      const char32_t h = m_text[m_pos++];
+      const int d = h >= U'0' && h <= U'9'   ? static_cast<int>(h - U'0')
+                    : h >= U'a' && h <= U'f' ? static_cast<int>(h - U'a' + 10)
+                    : h >= U'A' && h <= U'F' ? static_cast<int>(h - U'A' + 10)
+                                             : -1;
+      if (d < 0) fail("incomplete escape \\x");
+      v = v * 16 + static_cast<char32_t>(d);
+    }
+    return v;
+  }
+
   // The code point or class of an escape; m_pos is just past the backslash.
   // Returns true with `cls` filled for \d \w \s and their negations.
   bool escape_code(char32_t& out, char_class& cls, bool in_class) {
+    struct class_escape {
+      char32_t letter;
+      bool char_class::*flag;
+    };
+    static constexpr class_escape class_escapes[] = {
+        {U'd', &char_class::digit},    {U'D', &char_class::not_digit}, {U'w', &char_class::word},
+        {U'W', &char_class::not_word}, {U's', &char_class::space},     {U'S', &char_class::not_space},
+    };
+    static constexpr std::pair<char32_t, char32_t> char_escapes[] = {
+        {U'n', U'\n'}, {U't', U'\t'}, {U'r', U'\r'}, {U'f', U'\f'}, {U'v', U'\v'}, {U'a', U'\a'},
+    };
     if (at_end()) fail("bad escape (end of pattern)");
     const char32_t c = m_text[m_pos++];
-    switch (c) {
-      case U'd':
-        cls.digit = true;
-        return true;
-      case U'D':
-        cls.not_digit = true;
-        return true;
-      case U'w':
-        cls.word = true;
-        return true;
-      case U'W':
-        cls.not_word = true;
-        return true;
-      case U's':
-        cls.space = true;
-        return true;
-      case U'S':
-        cls.not_space = true;
-        return true;
-      case U'n':
-        out = U'\n';
-        return false;
-      case U't':
-        out = U'\t';
-        return false;
-      case U'r':
-        out = U'\r';
-        return false;
-      case U'f':
-        out = U'\f';
-        return false;
-      case U'v':
-        out = U'\v';
-        return false;
-      case U'a':
-        out = U'\a';
-        return false;
-      case U'b':
-        if (in_class) {
-          out = U'\b';
-          return false;
-        }
-        break;
-      case U'x': {
-        char32_t v = 0;
-        for (int k = 0; k < 2; ++k) {
-          if (at_end()) fail("incomplete escape \\x");
-          const char32_t h = m_text[m_pos++];
-          const int d = h >= U'0' && h <= U'9'   ? static_cast<int>(h - U'0')
-                        : h >= U'a' && h <= U'f' ? static_cast<int>(h - U'a' + 10)
-                        : h >= U'A' && h <= U'F' ? static_cast<int>(h - U'A' + 10)
-                                                 : -1;
-          if (d < 0) fail("incomplete escape \\x");
-          v = v * 16 + static_cast<char32_t>(d);
-        }
-        out = v;
-        return false;
-      }
-      default:
-        break;
+    for (const class_escape& e : class_escapes) {
+      if (c != e.letter) continue;
+      cls.*e.flag = true;
+      return true;
     }
-    const bool ascii_alnum = (c >= U'0' && c <= U'9') || (c >= U'a' && c <= U'z') || (c >= U'A' && c <= U'Z');
-    if (ascii_alnum) {
+    for (const auto& [letter, code] : char_escapes) {
+      if (c != letter) continue;
+      out = code;
+      return false;
+    }
+    if (c == U'x') {
+      out = hex_escape();
+      return false;
+    }
+    if (c == U'b' && in_class) {  // [\b] is a backspace; \b outside a class (a word boundary) is refused
+      out = U'\b';
+      return false;
+    }
+    if ((c >= U'0' && c <= U'9') || (c >= U'a' && c <= U'z') || (c >= U'A' && c <= U'Z')) {
       --m_pos;
       fail(lora::detail::cat("unsupported or bad escape \\", static_cast<char>(c)));
     }
@@ -406,34 +385,28 @@ class regex::parser {
     const std::size_t start = m_pos - 1;
     char_class cls;
     if (eat(U'^')) cls.negated = true;
-    bool first = true;
-    for (;;) {
+    for (bool first = true;; first = false) {
       if (at_end()) {
         m_pos = start;
         fail("unterminated character set");
       }
-      char32_t c = m_text[m_pos++];
-      if (c == U']' && !first) break;
-      first = false;
+      const char32_t c = m_text[m_pos++];
+      if (c == U']' && !first) return cls;
       char32_t lo = c;
-      if (c == U'\\') {
-        if (escape_code(lo, cls, true)) continue;  // \d etc. inside the set
-      }
-      // A range "lo-hi", unless '-' is the last character of the set.
-      if (m_pos + 1 < m_text.size() && m_text[m_pos] == U'-' && m_text[m_pos + 1] != U']') {
-        ++m_pos;  // '-'
-        char32_t hi = m_text[m_pos++];
-        if (hi == U'\\') {
-          char_class dummy;
-          if (escape_code(hi, dummy, true)) fail("bad character range");
-        }
-        if (hi < lo) fail("bad character range");
-        cls.ranges.emplace_back(lo, hi);
-      } else {
-        cls.ranges.emplace_back(lo, lo);
-      }
+      if (c == U'\\' && escape_code(lo, cls, true)) continue;  // \d etc. inside the set
+      cls.ranges.emplace_back(lo, range_end(lo));
     }
-    return cls;
+  }
+
+  // The end of a range "lo-hi" in a set, or lo when none follows ('-' last in the set is a literal).
+  char32_t range_end(char32_t lo) {
+    if (m_pos + 1 >= m_text.size() || m_text[m_pos] != U'-' || m_text[m_pos + 1] == U']') return lo;
+    ++m_pos;  // '-'
+    char32_t hi = m_text[m_pos++];
+    char_class not_a_range;
+    if (hi == U'\\' && escape_code(hi, not_a_range, true)) fail("bad character range");
+    if (hi < lo) fail("bad character range");
+    return hi;
   }
 
   const std::string& m_source;
@@ -497,133 +470,135 @@ inline void regex::emit(const node& n) {
   switch (n.kind) {
     case node::empty:
       return;
-    case node::chr:
-      add(op::chr, n.c);
-      return;
-    case node::any:
-      add(op::any);
-      return;
-    case node::cls:
-      add(op::cls, n.c);
-      return;
-    case node::bol:
-      add(op::bol);
-      return;
-    case node::eol:
-      add(op::eol);
-      return;
-    case node::eos:
-      add(op::eos);
-      return;
     case node::cat:
       for (const node& k : n.kids) emit(k);
       return;
-    case node::alt: {
-      // split L1, next; L1: kid0; jmp end; next: split L2, next2; ... last kid; end:
-      std::vector<int> jumps;
-      for (std::size_t k = 0; k + 1 < n.kids.size(); ++k) {
-        const int split = add(op::split);
-        m_program[split].x = split + 1;
-        emit(n.kids[k]);
-        jumps.push_back(add(op::jmp));
-        m_program[split].y = static_cast<int>(m_program.size());
-      }
-      emit(n.kids.back());
-      for (int j : jumps) m_program[j].x = static_cast<int>(m_program.size());
-      return;
-    }
-    case node::repeat: {
-      const node& body = n.kids.front();
-      // A body that emits nothing matches only the empty string, however often it repeats; skipping
-      // it also keeps "(){4000000000}" from looping (its size, 0, passed the size check).
-      if (size_of(body) == 0) return;
-      for (std::uint32_t k = 0; k < n.min; ++k) emit(body);
-      if (n.max == unbounded) {
-        // L: split body, end; body; jmp L; end:
-        const int split = add(op::split);
-        m_program[split].x = split + 1;
-        emit(body);
-        add(op::jmp, 0, split);
-        m_program[split].y = static_cast<int>(m_program.size());
-        return;
-      }
-      // Optional copies: split body, end_k; body; ... each nested in the previous.
-      std::vector<int> splits;
-      for (std::uint32_t k = n.min; k < n.max; ++k) {
-        const int split = add(op::split);
-        m_program[split].x = split + 1;
-        splits.push_back(split);
-        emit(body);
-      }
-      for (int s : splits) m_program[s].y = static_cast<int>(m_program.size());
-      return;
-    }
+    case node::alt:
+      return emit_alt(n);
+    case node::repeat:
+      return emit_repeat(n);
+    default:
+      break;
   }
+  // A leaf: one instruction.
+  static constexpr std::pair<node::kind_t, op> leaves[] = {
+      {node::chr, op::chr}, {node::any, op::any}, {node::cls, op::cls},
+      {node::bol, op::bol}, {node::eol, op::eol}, {node::eos, op::eos},
+  };
+  for (const auto& [kind, code] : leaves) {
+    if (n.kind == kind) add(code, n.c);
+  }
+}
+
+// split L1, next; L1: kid0; jmp end; next: split L2, next2; ... last kid; end:
+inline void regex::emit_alt(const node& n) {
+  std::vector<int> jumps;
+  for (std::size_t k = 0; k + 1 < n.kids.size(); ++k) {
+    const int split = add(op::split);
+    m_program[split].x = split + 1;
+    emit(n.kids[k]);
+    jumps.push_back(add(op::jmp));
+    m_program[split].y = static_cast<int>(m_program.size());
+  }
+  emit(n.kids.back());
+  for (int j : jumps) m_program[j].x = static_cast<int>(m_program.size());
+}
+
+inline void regex::emit_repeat(const node& n) {
+  const node& body = n.kids.front();
+  // A body that emits nothing matches only the empty string, however often it repeats; skipping
+  // it also keeps "(){4000000000}" from looping (its size, 0, passed the size check).
+  if (size_of(body) == 0) return;
+  for (std::uint32_t k = 0; k < n.min; ++k) emit(body);
+  if (n.max == unbounded) {
+    // L: split body, end; body; jmp L; end:
+    const int split = add(op::split);
+    m_program[split].x = split + 1;
+    emit(body);
+    add(op::jmp, 0, split);
+    m_program[split].y = static_cast<int>(m_program.size());
+    return;
+  }
+  // Optional copies: split body, end_k; body; ... each nested in the previous.
+  std::vector<int> splits;
+  for (std::uint32_t k = n.min; k < n.max; ++k) {
+    const int split = add(op::split);
+    m_program[split].x = split + 1;
+    splits.push_back(split);
+    emit(body);
+  }
+  for (int s : splits) m_program[s].y = static_cast<int>(m_program.size());
 }
 
 // Pike VM without captures: the set of live program counters advances one code point at a time.
-// Epsilon closure uses an explicit stack; `mark` stamps each pc once per position.
-inline bool regex::run(std::string_view text_utf8, bool full) const {
-  const std::u32string text = decode_utf8(text_utf8);
-  const std::size_t n = text.size();
-  const std::size_t size = m_program.size();
-  std::vector<int> current, next, stack;
-  current.reserve(size);
-  next.reserve(size);
-  std::vector<std::size_t> mark(size, static_cast<std::size_t>(-1));
-  std::size_t stamp = 0;
-
-  auto closure = [&](std::vector<int>& list, int start, std::size_t pos) {
-    stack.push_back(start);
-    while (!stack.empty()) {
-      const int pc = stack.back();
-      stack.pop_back();
-      if (mark[static_cast<std::size_t>(pc)] == stamp) continue;
-      mark[static_cast<std::size_t>(pc)] = stamp;
-      const inst& in = m_program[static_cast<std::size_t>(pc)];
-      switch (in.code) {
-        case op::jmp:
-          stack.push_back(in.x);
-          break;
-        case op::split:
-          stack.push_back(in.y);
-          stack.push_back(in.x);
-          break;
-        case op::bol:
-          if (pos == 0) stack.push_back(pc + 1);
-          break;
-        case op::eol:  // end of text, or just before a final '\n'
-          if (pos == n || (pos + 1 == n && text[pos] == U'\n')) stack.push_back(pc + 1);
-          break;
-        case op::eos:
-          if (pos == n) stack.push_back(pc + 1);
-          break;
-        default:
-          list.push_back(pc);
-          break;
-      }
-    }
-  };
-
-  closure(current, 0, 0);
-  for (std::size_t pos = 0;; ++pos) {
-    ++stamp;
-    next.clear();
-    for (const int pc : current) {
-      const inst& in = m_program[static_cast<std::size_t>(pc)];
-      if (in.code == op::match) {
-        if (!full || pos == n) return true;
-        continue;
-      }
-      if (pos == n) continue;
-      const char32_t c = text[pos];
-      const bool step = (in.code == op::chr && c == in.c) || (in.code == op::any && c != U'\n') ||
-                        (in.code == op::cls && m_classes[in.c].contains(c));
-      if (step) closure(next, pc + 1, pos + 1);
-    }
-    if (pos == n || next.empty()) return false;
-    current.swap(next);
+// Epsilon closure uses an explicit stack; `m_mark` stamps each pc once per position.
+class regex::pike_vm {
+ public:
+  pike_vm(const regex& re, std::string_view text)
+      : m_re(re), m_text(decode_utf8(text)), m_mark(re.m_program.size(), static_cast<std::size_t>(-1)) {
+    m_current.reserve(re.m_program.size());
+    m_next.reserve(re.m_program.size());
   }
-}
+
+  bool run(bool full) {
+    const std::size_t n = m_text.size();
+    closure(m_current, 0, 0);
+    for (std::size_t pos = 0;; ++pos) {
+      ++m_stamp;
+      m_next.clear();
+      for (const int pc : m_current) {
+        const inst& in = m_re.m_program[static_cast<std::size_t>(pc)];
+        if (in.code == op::match && (!full || pos == n)) return true;
+        if (pos < n && steps(in, m_text[pos])) closure(m_next, pc + 1, pos + 1);
+      }
+      if (pos == n || m_next.empty()) return false;
+      m_current.swap(m_next);
+    }
+  }
+
+ private:
+  bool steps(const inst& in, char32_t c) const {
+    return (in.code == op::chr && c == in.c) || (in.code == op::any && c != U'\n') ||
+           (in.code == op::cls && m_re.m_classes[in.c].contains(c));
+  }
+
+  // Whether the zero-width assertion `code` holds at `pos`.
+  bool holds(op code, std::size_t pos) const {
+    const std::size_t n = m_text.size();
+    if (code == op::bol) return pos == 0;
+    if (code == op::eos) return pos == n;
+    return pos == n || (pos + 1 == n && m_text[pos] == U'\n');  // eol: the end, or before a final '\n'
+  }
+
+  // Adds to `list` every consuming (or match) instruction reachable from `start` without input.
+  void closure(std::vector<int>& list, int start, std::size_t pos) {
+    m_stack.push_back(start);
+    while (!m_stack.empty()) {
+      const int pc = m_stack.back();
+      m_stack.pop_back();
+      if (m_mark[static_cast<std::size_t>(pc)] == m_stamp) continue;
+      m_mark[static_cast<std::size_t>(pc)] = m_stamp;
+      const inst& in = m_re.m_program[static_cast<std::size_t>(pc)];
+      if (in.code == op::jmp) {
+        m_stack.push_back(in.x);
+      } else if (in.code == op::split) {
+        m_stack.push_back(in.y);
+        m_stack.push_back(in.x);
+      } else if (in.code == op::bol || in.code == op::eol || in.code == op::eos) {
+        if (holds(in.code, pos)) m_stack.push_back(pc + 1);
+      } else {
+        list.push_back(pc);
+      }
+    }
+  }
+
+  const regex& m_re;
+  const std::u32string m_text;
+  std::vector<int> m_current, m_next, m_stack;
+  std::vector<std::size_t> m_mark;
+  std::size_t m_stamp = 0;
+};
+
+inline bool regex::run(std::string_view text, bool full) const { return pike_vm(*this, text).run(full); }
 
 }  // namespace lora::io::detail

@@ -1,0 +1,142 @@
+// lora/io/file_storage.hpp: the read-only bytes of a tensor file, memory-mapped (POSIX mmap) or, where
+// mapping fails or is not wanted, reached through bounded pread() calls. Taking one tensor from a
+// multi-GB mapped file touches only that tensor's pages. A file truncated or rewritten in place by
+// another process while it is mapped can raise SIGBUS: that is the one hazard of mmap no reader can
+// rule out; this library's writers never rewrite in place (io/atomic_file.hpp).
+//
+// POSIX only (Linux, macOS).
+#pragma once
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../config.hpp"
+#include "../error.hpp"
+
+namespace lora::io {
+
+/// How safetensors_file::open reaches the data.
+enum class read_mode {
+  map,    ///< Memory-map the file; fall back to pread when mmap fails. The default.
+  pread,  ///< Never map; read each tensor with bounded pread() calls when asked for it.
+};
+
+namespace detail {
+
+using lora::detail::cat;
+
+/// Read-only bytes of a file: memory-resident (mapped, or owned bytes) or reached through pread.
+/// Every const member may be called from several threads at once.
+class file_storage {
+ public:
+  /// Opens `path` (O_NONBLOCK, so that a FIFO cannot block); io_error when it cannot be opened or is
+  /// not a regular file.
+  static std::shared_ptr<const file_storage> open(const std::string& path, read_mode mode);
+  static std::shared_ptr<const file_storage> from_bytes(std::vector<unsigned char> bytes);
+  file_storage(const file_storage&) = delete;
+  file_storage& operator=(const file_storage&) = delete;
+  ~file_storage();
+
+  std::uint64_t size() const noexcept { return m_size; }
+  /// The whole file, or nullptr when it is reached through pread.
+  const unsigned char* data() const noexcept { return m_data; }
+  /// Copies [offset, offset + n), which the caller has checked lies inside the file, to dst.
+  void read(std::uint64_t offset, std::size_t n, unsigned char* dst, const std::string& label) const;
+
+ private:
+  file_storage() = default;
+  /// Maps the whole file and closes the descriptor; leaves it unmapped (pread) when mmap fails.
+  void try_map() noexcept;
+
+  std::vector<unsigned char> m_bytes;
+  const unsigned char* m_data = nullptr;
+  void* m_map = nullptr;
+  std::size_t m_map_size = 0;
+  int m_fd = -1;
+  std::uint64_t m_size = 0;
+};
+
+// ================================================================================================
+// Implementation
+// ================================================================================================
+
+inline std::shared_ptr<const file_storage> file_storage::open(const std::string& path, read_mode mode) {
+  // O_NONBLOCK so that opening a FIFO cannot block; it has no effect on regular files.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    const int err = errno;
+    throw io_error(cat("cannot open safetensors file '", path, "': ", std::strerror(err)));
+  }
+  std::shared_ptr<file_storage> storage(new file_storage());
+  storage->m_fd = fd;  // closed by the destructor from here on
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    throw io_error(cat("cannot stat safetensors file '", path, "': ", std::strerror(err)));
+  }
+  if (!S_ISREG(st.st_mode)) throw io_error(cat("safetensors file '", path, "' is not a regular file"));
+  storage->m_size = static_cast<std::uint64_t>(st.st_size);
+  if (mode == read_mode::map) storage->try_map();
+  return storage;
+}
+
+inline void file_storage::try_map() noexcept {
+  if (m_size < 8 || m_size > static_cast<std::uint64_t>(std::numeric_limits<std::size_t>::max())) return;
+  const std::size_t length = static_cast<std::size_t>(m_size);
+  void* map = ::mmap(nullptr, length, PROT_READ, MAP_PRIVATE, m_fd, 0);
+  if (map == MAP_FAILED) return;
+  m_map = map;
+  m_map_size = length;
+  m_data = static_cast<const unsigned char*>(map);
+  ::close(m_fd);  // the mapping keeps the file alive
+  m_fd = -1;
+}
+
+inline std::shared_ptr<const file_storage> file_storage::from_bytes(std::vector<unsigned char> bytes) {
+  std::shared_ptr<file_storage> storage(new file_storage());
+  storage->m_bytes = std::move(bytes);
+  storage->m_size = storage->m_bytes.size();
+  static const unsigned char empty = 0;
+  storage->m_data = storage->m_bytes.empty() ? &empty : storage->m_bytes.data();
+  return storage;
+}
+
+inline file_storage::~file_storage() {
+  if (m_map != nullptr) ::munmap(m_map, m_map_size);
+  if (m_fd >= 0) ::close(m_fd);
+}
+
+inline void file_storage::read(std::uint64_t offset, std::size_t n, unsigned char* dst,
+                               const std::string& label) const {
+  LORA_ASSERT(offset <= m_size && n <= m_size - offset);
+  if (m_data != nullptr) {
+    if (n != 0) std::memcpy(dst, m_data + offset, n);
+    return;
+  }
+  std::size_t done = 0;
+  while (done < n) {
+    const ssize_t got = ::pread(m_fd, dst + done, n - done, static_cast<off_t>(offset + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      const int err = errno;
+      throw io_error(cat("cannot read safetensors file '", label, "' at byte ", offset + done, ": ",
+                         got == 0 ? "unexpected end of file (was it truncated while open?)" : std::strerror(err)));
+    }
+    done += static_cast<std::size_t>(got);
+  }
+}
+
+}  // namespace detail
+}  // namespace lora::io
