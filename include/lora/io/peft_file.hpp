@@ -58,6 +58,7 @@ struct peft_module_info {
   index in = 0;               ///< in_features (num_embeddings for an embedding)
   index out = 0;              ///< out_features (embedding_dim for an embedding)
   std::string a_key, b_key;   ///< Full tensor names in the file.
+  bool conv = false;          ///< 4-D conv factors: lora_A [r, C, kh, kw], lora_B [out, r, 1, 1]
   std::string bias_key;       ///< lora_B.bias, empty when absent.
   std::string magnitude_key;  ///< lora_magnitude_vector, empty when absent.
   /// The narrowest dtype holding every tensor of the module exactly: their common dtype, else F64 if
@@ -74,6 +75,9 @@ struct peft_module {
   vector<double> b_bias;     ///< out (lora_B.bias); empty when absent
   vector<double> magnitude;  ///< out (DoRA lora_magnitude_vector); empty when absent
   dtype type = dtype::f32;   ///< The dtype save() writes every tensor of the module in (see peft_module_info).
+  /// Conv2d modules: the stored shapes [r, C, kh, kw] and [out, r, 1, 1] (a and b hold them flattened,
+  /// r x C kh kw and out x r); empty for 2-D factors.
+  std::vector<std::int64_t> a_shape, b_shape;
 
   index rank() const noexcept { return a.rows(); }
   index in_features() const noexcept { return a.cols(); }
@@ -287,13 +291,26 @@ inline void index_peft_keys(const safetensors_file& file, std::map<std::string, 
   std::sort(full.begin(), full.end(), [](const tensor_info& x, const tensor_info& y) { return x.name < y.name; });
 }
 
+/// True for PEFT's Conv2d factors: lora_A [r, C, kh, kw] and lora_B [out, r, 1, 1].
+inline bool is_conv_pair(const tensor_info& a, const tensor_info& b) {
+  return a.rank() == 4 && b.rank() == 4 && b.shape[2] == 1 && b.shape[3] == 1;
+}
+
+/// in_features of lora_A: its second dimension, or C kh kw for a conv kernel.
+inline std::int64_t conv_features(const tensor_info& a) {
+  std::int64_t n = 1;
+  for (std::size_t d = 1; d < a.shape.size(); ++d) n *= a.shape[d];  // sizes validated by the reader
+  return n;
+}
+
 /// Checks the factors A (r x in) and B (out x r) of a module: 2-D, agreeing on the rank, the rank the
 /// config gives the module, no empty dimension.
 inline void check_peft_factors(const tensor_info& a, const tensor_info& b, const char* a_name, const char* b_name,
                                const peft_config& config, const peft_module_context& ctx) {
-  if (a.rank() != 2 || b.rank() != 2) {
-    throw shape_error(cat(ctx.where(), ": ", a_name, " and ", b_name, " must be 2-D, got ", shape_to_string(a.shape),
-                          " and ", shape_to_string(b.shape)));
+  const bool conv = is_conv_pair(a, b);
+  if ((a.rank() != 2 || b.rank() != 2) && !conv) {
+    throw shape_error(cat(ctx.where(), ": ", a_name, " and ", b_name, " must be 2-D (or a conv pair [r, C, kh, kw], ",
+                          "[out, r, 1, 1]), got ", shape_to_string(a.shape), " and ", shape_to_string(b.shape)));
   }
   if (a.shape[0] != b.shape[1]) {
     throw shape_error(cat(ctx.where(), ": ", a_name, " ", shape_to_string(a.shape), " and ", b_name, " ",
@@ -304,7 +321,7 @@ inline void check_peft_factors(const tensor_info& a, const tensor_info& b, const
     throw shape_error(cat(ctx.where(), " has rank ", a.shape[0], " but the config gives it r = ", expected,
                           config.rank_pattern.empty() ? "" : " (after rank_pattern)"));
   }
-  if (a.shape[1] < 1 || b.shape[0] < 1) {
+  if (conv_features(a) < 1 || b.shape[0] < 1) {
     throw shape_error(cat(ctx.where(), " has an empty dimension: ", a_name, " ", shape_to_string(a.shape), ", ", b_name,
                           " ", shape_to_string(b.shape)));
   }
@@ -365,7 +382,8 @@ inline peft_module_info check_peft_module(const peft_module_keys& keys, const pe
   info.path = ctx.path;
   info.embedding = embedding;
   info.rank = static_cast<index>(a.shape[0]);
-  info.in = static_cast<index>(a.shape[1]);
+  info.in = static_cast<index>(conv_features(a));
+  info.conv = is_conv_pair(a, b);
   info.out = static_cast<index>(b.shape[0]);
   info.a_key = a.name;
   info.b_key = b.name;
@@ -378,6 +396,17 @@ inline peft_module_info check_peft_module(const peft_module_keys& keys, const pe
     }
   }
   return info;
+}
+
+/// The stored shape of one of a module's tensors: a conv module's 4-D factor shapes, else rows x cols.
+template <typename Derived>
+std::vector<std::int64_t> module_shape(const peft_module& m, const std::string& name,
+                                       const Eigen::MatrixBase<Derived>& values) {
+  const bool a = name.size() > 15 && name.compare(name.size() - 14, 14, ".lora_A.weight") == 0;
+  const bool b = name.size() > 15 && name.compare(name.size() - 14, 14, ".lora_B.weight") == 0;
+  if (a && !m.a_shape.empty()) return m.a_shape;
+  if (b && !m.b_shape.empty()) return m.b_shape;
+  return default_shape(values);
 }
 
 template <typename Fn>
@@ -403,6 +432,15 @@ inline void validate_peft_module(const peft_module& m, const peft_config& config
     throw shape_error(cat(where, " has rank ", m.a.rows(), " but the config gives it r = ", config.rank_for(m.path)));
   }
   if (m.a.cols() < 1 || m.b.rows() < 1) throw shape_error(cat(where, ": A and B must be non-empty"));
+  if (!m.a_shape.empty() || !m.b_shape.empty()) {  // conv: [r, C, kh, kw] and [out, r, 1, 1]
+    std::int64_t in = 1;
+    for (std::size_t d = 1; d < m.a_shape.size(); ++d) in *= m.a_shape[d];
+    const std::vector<std::int64_t> b_shape = {m.b.rows(), m.b.cols(), 1, 1};
+    if (m.a_shape.size() != 4 || m.a_shape[0] != m.a.rows() || in != m.a.cols() || m.b_shape != b_shape)
+      throw shape_error(cat(where, ": conv factor shapes ", shape_to_string(m.a_shape), " and ",
+                            shape_to_string(m.b_shape), " do not hold A ", shape_str(m.a.rows(), m.a.cols()), " and B ",
+                            shape_str(m.b.rows(), m.b.cols())));
+  }
   for (const vector<double>* v : {&m.b_bias, &m.magnitude}) {
     if (v->size() != 0 && !m.embedding && v->size() != m.b.rows()) {
       throw shape_error(cat(where, ": lora_B.bias and lora_magnitude_vector must have out_features = ", m.b.rows(),
@@ -466,8 +504,17 @@ inline peft_module peft_adapter_file::read_module(const peft_module_info& info) 
   m.path = info.path;
   m.embedding = info.embedding;
   m.type = info.type;
-  m.a = m_file.read_matrix<double>(info.a_key);
-  m.b = m_file.read_matrix<double>(info.b_key);
+  if (info.conv) {  // flattened row-major: A (r x C kh kw), B (out x r)
+    using row_major = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const vector<double> a = m_file.read_vector<double>(info.a_key), b = m_file.read_vector<double>(info.b_key);
+    m.a = Eigen::Map<const row_major>(a.data(), info.rank, info.in);
+    m.b = Eigen::Map<const row_major>(b.data(), info.out, info.rank);
+    m.a_shape = m_file.info(info.a_key).shape;
+    m.b_shape = m_file.info(info.b_key).shape;
+  } else {
+    m.a = m_file.read_matrix<double>(info.a_key);
+    m.b = m_file.read_matrix<double>(info.b_key);
+  }
   if (!info.bias_key.empty()) m.b_bias = m_file.read_vector<double>(info.bias_key);
   if (!info.magnitude_key.empty()) m.magnitude = m_file.read_vector<double>(info.magnitude_key);
   return m;
@@ -546,8 +593,9 @@ inline std::vector<unsigned char> peft_adapter::safetensors_bytes() const {
   validate();
   safetensors_writer writer;
   for (const peft_module& m : modules) {
-    detail::for_each_module_tensor(
-        m, [&](const std::string& name, const auto& values) { writer.add(name, values, m.type); });
+    detail::for_each_module_tensor(m, [&](const std::string& name, const auto& values) {
+      writer.add(name, values, m.type, detail::module_shape(m, name, values));
+    });
   }
   const std::string prefix(peft_key_prefix);
   for (const peft_full_tensor& f : full_tensors) writer.add_raw(prefix + f.path, f.type, f.shape, f.data(), f.size());
@@ -567,7 +615,7 @@ inline void peft_adapter::save(const std::string& dir) const {
   std::vector<tensor_spec> specs;
   for (const peft_module& m : modules) {
     detail::for_each_module_tensor(m, [&](const std::string& name, const auto& values) {
-      specs.push_back(tensor_spec{name, m.type, detail::default_shape(values)});
+      specs.push_back(tensor_spec{name, m.type, detail::module_shape(m, name, values)});
     });
   }
   for (const peft_full_tensor& f : full_tensors) specs.push_back(tensor_spec{prefix + f.path, f.type, f.shape});
