@@ -114,8 +114,9 @@ TYPED_TEST(PeftAttach, AnyMismatchLeavesEveryLayerUnchanged) {
     bad.config.rank_pattern.clear();
     expect_error<lora::shape_error>([&] { io::attach(bad, layers, "peft"); }, {"h.1.attn.c_attn", "r = 2"});
     bad = a;
-    bad.modules[1].magnitude = lora::vector<double>::Ones(4);
-    expect_error<lora::config_error>([&] { io::attach(bad, layers, "peft"); }, {"h.1.attn.c_attn", "DoRA"});
+    bad.modules[1].magnitude = lora::vector<double>::Ones(3);  // DoRA attaches to a linear, with [out] entries
+    expect_error<lora::shape_error>([&] { io::attach(bad, layers, "peft"); },
+                                    {"h.1.attn.c_attn", "lora_magnitude_vector", "got 3"});
     bad = a;
     bad.modules[1].b_bias = lora::vector<double>::Ones(4);
     expect_error<lora::config_error>([&] { io::attach(bad, layers, "peft"); }, {"h.1.attn.c_attn", "bias"});

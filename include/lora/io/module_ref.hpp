@@ -208,6 +208,9 @@ void module_ref<Scalar>::check(const peft_module& m, const adapter_config& c, co
       [&](auto* p) {
         const auto [in, out] = detail::factor_features(p);
         detail::check_features(m, in, out, where);
+        if (m.magnitude.size() != 0 && m.magnitude.size() != out)
+          throw shape_error(detail::cat(where, ": lora_magnitude_vector must have out_features = ", out,
+                                        " entries, got ", m.magnitude.size()));
       },
       m_layer);
   if (const auto* const* fused = std::get_if<merged_linear<Scalar>*>(&m_layer)) {

@@ -418,6 +418,18 @@ void for_each_module_tensor(const peft_module& m, Fn&& fn) {
   if (m.magnitude.size() != 0) fn(base + ".lora_magnitude_vector", m.magnitude);
 }
 
+/// A conv module's stored shapes [r, C, kh, kw] and [out, r, 1, 1] must hold its A and B.
+inline void check_conv_shapes(const peft_module& m, const std::string& where) {
+  if (m.a_shape.empty() && m.b_shape.empty()) return;
+  std::int64_t in = 1;
+  for (std::size_t d = 1; d < m.a_shape.size(); ++d) in *= m.a_shape[d];
+  const std::vector<std::int64_t> b_shape = {m.b.rows(), m.b.cols(), 1, 1};
+  if (m.a_shape.size() != 4 || m.a_shape[0] != m.a.rows() || in != m.a.cols() || m.b_shape != b_shape)
+    throw shape_error(cat(where, ": conv factor shapes ", shape_to_string(m.a_shape), " and ",
+                          shape_to_string(m.b_shape), " do not hold A ", shape_str(m.a.rows(), m.a.cols()), " and B ",
+                          shape_str(m.b.rows(), m.b.cols())));
+}
+
 /// Applies the rules of loading to one module of an adapter in memory.
 inline void validate_peft_module(const peft_module& m, const peft_config& config) {
   const std::string where = cat("PEFT adapter module '", m.path, "'");
@@ -432,15 +444,7 @@ inline void validate_peft_module(const peft_module& m, const peft_config& config
     throw shape_error(cat(where, " has rank ", m.a.rows(), " but the config gives it r = ", config.rank_for(m.path)));
   }
   if (m.a.cols() < 1 || m.b.rows() < 1) throw shape_error(cat(where, ": A and B must be non-empty"));
-  if (!m.a_shape.empty() || !m.b_shape.empty()) {  // conv: [r, C, kh, kw] and [out, r, 1, 1]
-    std::int64_t in = 1;
-    for (std::size_t d = 1; d < m.a_shape.size(); ++d) in *= m.a_shape[d];
-    const std::vector<std::int64_t> b_shape = {m.b.rows(), m.b.cols(), 1, 1};
-    if (m.a_shape.size() != 4 || m.a_shape[0] != m.a.rows() || in != m.a.cols() || m.b_shape != b_shape)
-      throw shape_error(cat(where, ": conv factor shapes ", shape_to_string(m.a_shape), " and ",
-                            shape_to_string(m.b_shape), " do not hold A ", shape_str(m.a.rows(), m.a.cols()), " and B ",
-                            shape_str(m.b.rows(), m.b.cols())));
-  }
+  check_conv_shapes(m, where);
   for (const vector<double>* v : {&m.b_bias, &m.magnitude}) {
     if (v->size() != 0 && !m.embedding && v->size() != m.b.rows()) {
       throw shape_error(cat(where, ": lora_B.bias and lora_magnitude_vector must have out_features = ", m.b.rows(),

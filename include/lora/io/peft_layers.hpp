@@ -200,7 +200,11 @@ peft_adapter peft_adapter::from_layers(const Layers& layers, const std::string& 
     }
     peft_module m = layer.export_adapter(adapter_name);
     m.path = path;
-    dora = dora || m.magnitude.size() != 0;
+    if (!m.embedding && !out.modules.empty() && (m.magnitude.size() != 0) != dora)
+      throw config_error(detail::cat("from_layers: module '", path, "' ", dora ? "does not use" : "uses",
+                                     " DoRA but an earlier module ", dora ? "does" : "does not",
+                                     "; a PEFT config holds one use_dora"));
+    if (!m.embedding) dora = m.magnitude.size() != 0;
     out.modules.push_back(std::move(m));
     ++rank_votes[c.rank];
     ++alpha_votes[c.alpha];
