@@ -1,6 +1,6 @@
 // lora/io/checkpoint.hpp: training checkpoints: parameter values by name, optimizer state, the step,
-// named RNG states and user strings, in one self-checking binary file. Needs only the standard library
-// and Eigen.
+// named RNG states and user strings, in one self-checking binary file. Needs only the standard library,
+// Eigen and POSIX (no JSON).
 //
 // File layout, version 1 (every integer little-endian, every scalar IEEE-754 little-endian):
 //
@@ -20,11 +20,10 @@
 //
 // where str is a u32 byte count followed by the bytes. Saving goes through write_file_atomically
 // (io/atomic_file.hpp): a temporary file in the target's directory, fsynced, then renamed over the
-// target, so a crash or an error leaves either the old file or the new one. Loading reads the whole file and checks
-// size, magic, version, checksum and every length against the bytes that remain before it allocates or writes anything;
-// then it checks names and shapes against the given parameters and optimizer, and only then writes.
-//
-// POSIX only, like every io header.
+// target, so a crash or an error leaves either the old file or the new one. Loading reads the whole
+// file and checks size, magic, version, checksum and every length against the bytes that remain
+// before it allocates or writes anything; then it checks names and shapes against the given
+// parameters and optimizer, and only then writes.
 #pragma once
 
 #include <array>
