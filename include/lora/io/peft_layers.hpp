@@ -138,6 +138,18 @@ void settle_patterns(pattern_list<T>& patterns, const std::vector<peft_module>& 
   }
 }
 
+/// from_layers: PEFT's use_dora is one flag, so every non-embedding module has a magnitude or none does.
+inline void agree_on_dora(const peft_module& m, bool& dora, bool& known) {
+  if (m.embedding) return;  // embeddings take no magnitude either way
+  const bool has = m.magnitude.size() != 0;
+  if (known && has != dora)
+    throw config_error(cat("from_layers: module '", m.path, "' ", dora ? "does not use" : "uses",
+                           " DoRA but an earlier module ", dora ? "does" : "does not",
+                           "; a PEFT config holds one use_dora"));
+  dora = has;
+  known = true;
+}
+
 /// One module to attach to one layer, checked.
 template <typename S>
 struct attach_step {
@@ -184,7 +196,7 @@ peft_adapter peft_adapter::from_layers(const Layers& layers, const std::string& 
   std::map<double, std::size_t> alpha_votes;
   std::vector<double> alphas;
   std::set<std::string> last_components;
-  bool dora = false;
+  bool dora = false, dora_known = false;
   for (const auto& [path, layer] : detail::module_refs(layers, "from_layers")) {
     if (!layer.has_adapter(adapter_name))
       throw name_error(detail::cat("from_layers: module '", path, "' (", layer.label(), ") has no adapter named '",
@@ -200,11 +212,7 @@ peft_adapter peft_adapter::from_layers(const Layers& layers, const std::string& 
     }
     peft_module m = layer.export_adapter(adapter_name);
     m.path = path;
-    if (!m.embedding && !out.modules.empty() && (m.magnitude.size() != 0) != dora)
-      throw config_error(detail::cat("from_layers: module '", path, "' ", dora ? "does not use" : "uses",
-                                     " DoRA but an earlier module ", dora ? "does" : "does not",
-                                     "; a PEFT config holds one use_dora"));
-    if (!m.embedding) dora = m.magnitude.size() != 0;
+    detail::agree_on_dora(m, dora, dora_known);
     out.modules.push_back(std::move(m));
     ++rank_votes[c.rank];
     ++alpha_votes[c.alpha];
