@@ -1,4 +1,4 @@
-// Gradients of lora::linear against central finite differences, in double (REFERENCE.md §1).
+// Gradients of lora::linear against central finite differences, in double (docs/CONVENTIONS.md §orientation).
 #include <lora/lora.hpp>
 
 #include "support.hpp"

@@ -1,5 +1,5 @@
 // LoRA+ as a configuration: lora_b and vector parameters learn lambda times faster than lora_a and dense
-// ones (REFERENCE.md §4, PEFT's create_loraplus_optimizer), with any optimizer and under schedules.
+// ones (docs/CONVENTIONS.md §optim, PEFT's create_loraplus_optimizer), with any optimizer and under schedules.
 #include <lora/optim/adam.hpp>
 #include <lora/optim/lora_plus.hpp>
 #include <lora/optim/schedule.hpp>
