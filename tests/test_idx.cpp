@@ -16,12 +16,12 @@
 namespace {
 
 namespace fs = std::filesystem;
-using lora::examples::idx_images_magic;
-using lora::examples::idx_labels_magic;
-using lora::examples::load_fashion_mnist;
-using lora::examples::read_idx;
-using lora::examples::read_idx_images;
-using lora::examples::read_idx_labels;
+using ex::idx_images_magic;
+using ex::idx_labels_magic;
+using ex::load_fashion_mnist;
+using ex::read_idx;
+using ex::read_idx_images;
+using ex::read_idx_labels;
 using lora_test::expect_error;
 using bytes = std::vector<std::uint8_t>;
 
@@ -123,7 +123,7 @@ TEST_F(idx_test, reads_plain_and_gzip_labels) {
 }
 
 TEST_F(idx_test, read_idx_returns_dims_and_payload) {
-  const lora::examples::idx_array a =
+  const ex::idx_array a =
       read_idx(write("a.gz", idx_file(idx_images_magic, {2, 3, 4}, image_payload(2, 3, 4))), idx_images_magic);
   EXPECT_EQ(a.dims, (std::vector<std::uint32_t>{2, 3, 4}));
   EXPECT_EQ(a.data, image_payload(2, 3, 4));
@@ -230,7 +230,7 @@ TEST_F(idx_test, missing_file_or_directory_is_an_io_error_with_the_install_hint)
 
 TEST_F(idx_test, load_fashion_mnist_reads_the_four_files) {
   write_dataset(4, 3, 3);
-  const lora::examples::image_dataset d = load_fashion_mnist(m_dir.string());
+  const ex::image_dataset d = load_fashion_mnist(m_dir.string());
   expect_images(d.train_x, 4);
   expect_images(d.test_x, 3);
   EXPECT_EQ(d.train_y, std::vector<int>(4, 3));
@@ -250,7 +250,7 @@ TEST_F(idx_test, load_fashion_mnist_falls_back_to_uncompressed_files) {
     fs::remove(gz);
     write(stem, plain);
   }
-  const lora::examples::image_dataset d = load_fashion_mnist(m_dir.string() + "/");
+  const ex::image_dataset d = load_fashion_mnist(m_dir.string() + "/");
   expect_images(d.train_x, 2);
   EXPECT_EQ(d.test_y, std::vector<int>(2, 9));
 }
@@ -269,7 +269,7 @@ TEST_F(idx_test, load_fashion_mnist_without_the_files_is_an_io_error_with_the_in
 // The real data, when the Debian package is installed: the labels (fast to read) have the published
 // counts, 6000 and 1000 per class; the test images have the published shape.
 TEST(idx_real, fashion_mnist_files_have_the_published_counts) {
-  const std::string dir = lora::examples::fashion_mnist_default_dir;
+  const std::string dir = ex::fashion_mnist_default_dir;
   if (!fs::exists(dir + "/t10k-labels-idx1-ubyte.gz")) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
   const std::vector<int> train_y = read_idx_labels(dir + "/train-labels-idx1-ubyte.gz");
   const std::vector<int> test_y = read_idx_labels(dir + "/t10k-labels-idx1-ubyte.gz");

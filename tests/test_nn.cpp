@@ -1,23 +1,27 @@
 // Tests for the examples' shared helpers: the nn ops (examples/common/nn.hpp: every backward against
 // central finite differences in double, softmax cross-entropy against hand-computed values), the
 // minibatch helpers, the target domains (examples/common/domains.hpp) and the progress bar
-// (examples/common/progress.hpp).
+// (examples/common/progress.hpp), and the string and file helpers (examples/common/strings.hpp, files.hpp).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <numeric>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "common/domains.hpp"
+#include "common/files.hpp"
 #include "common/nn.hpp"
 #include "common/progress.hpp"
+#include "common/strings.hpp"
+#include "file_support.hpp"
 #include "support.hpp"
 
 namespace {
 
-namespace ex = lora::examples;
 using lora::index;
 using lora::matrix;
 using lora_test::expect_error;
@@ -488,10 +492,10 @@ TEST(example_progress, quiet_or_non_terminal_bar_draws_nothing_but_counts) {
 }
 
 TEST(example_progress, durations_read_as_minutes_and_seconds) {
-  EXPECT_EQ(ex::detail::format_duration(7.2), "00:07");
-  EXPECT_EQ(ex::detail::format_duration(125), "02:05");
-  EXPECT_EQ(ex::detail::format_duration(3725), "1:02:05");
-  EXPECT_EQ(ex::detail::format_duration(-1), "00:00");
+  EXPECT_EQ(ex::format_duration(7.2), "00:07");
+  EXPECT_EQ(ex::format_duration(125), "02:05");
+  EXPECT_EQ(ex::format_duration(3725), "1:02:05");
+  EXPECT_EQ(ex::format_duration(-1), "00:00");
 }
 
 TEST(example_progress, rss_figures_come_from_proc_self_status) {
@@ -504,6 +508,27 @@ TEST(example_progress, rss_figures_come_from_proc_self_status) {
 #endif
   (void)peak;
   (void)now;
+}
+
+// ----- strings and files --------------------------------------------------------------------------
+
+TEST(example_strings, cat_streams_every_part_and_shape_str_prints_rows_x_cols) {
+  EXPECT_EQ(ex::cat("layer ", 3, ": ", 0.5, ' ', std::string("ok")), "layer 3: 0.5 ok");
+  EXPECT_EQ(ex::shape_str(28, 784), "28x784");
+}
+
+TEST(example_files, save_text_replaces_the_file_and_reports_a_failure) {
+  const lora_test::temp_dir dir;
+  const std::string path = dir.file("out.json");
+  auto slurp = [&] {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  };
+  ex::save_text(path, "a much longer first text\n");
+  EXPECT_EQ(slurp(), "a much longer first text\n");
+  ex::save_text(path, "{}\n");  // shorter: nothing of the old text may remain
+  EXPECT_EQ(slurp(), "{}\n");
+  expect_error<lora::io_error>([&] { ex::save_text(dir.path(), "x"); }, {dir.path()});
 }
 
 }  // namespace

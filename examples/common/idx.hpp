@@ -27,7 +27,9 @@
 #include <string>
 #include <vector>
 
-namespace lora::examples {
+#include "strings.hpp"
+
+namespace ex {
 
 /// Magic number of an IDX file of unsigned bytes with 3 dimensions (n, height, width): images.
 inline constexpr std::uint32_t idx_images_magic = 0x00000803;
@@ -46,21 +48,21 @@ struct idx_array {
 
 /// A labelled image-classification data set: one image per row, pixels row-major in [0, 1].
 struct image_dataset {
-  matrix<float> train_x;     ///< n_train x (height * width)
-  std::vector<int> train_y;  ///< n_train labels in [0, classes)
-  matrix<float> test_x;      ///< n_test x (height * width)
-  std::vector<int> test_y;   ///< n_test labels in [0, classes)
+  lora::matrix<float> train_x;  ///< n_train x (height * width)
+  std::vector<int> train_y;     ///< n_train labels in [0, classes)
+  lora::matrix<float> test_x;   ///< n_test x (height * width)
+  std::vector<int> test_y;      ///< n_test labels in [0, classes)
 };
 
 /// Reads an IDX file (gzip-compressed or plain) whose magic number must equal `magic`; the element type
-/// must be unsigned byte. Throws io_error when the file cannot be opened or read, format_error (naming
+/// must be unsigned byte. Throws lora::io_error when the file cannot be opened or read, lora::format_error (naming
 /// the file and the rule) on a wrong magic number, a header or payload shorter than declared, bytes
 /// after the payload, a corrupt gzip stream, or a declared payload above max_bytes.
 idx_array read_idx(const std::string& path, std::uint32_t magic, std::uint64_t max_bytes = idx_default_max_bytes);
 
 /// Reads an IDX image file (magic 0x00000803) of height x width images into an n x (height * width)
 /// matrix, one image per row, pixel (r, c) in column r * width + c, scaled from 0..255 to [0, 1].
-matrix<float> read_idx_images(const std::string& path, index height = 28, index width = 28);
+lora::matrix<float> read_idx_images(const std::string& path, lora::index height = 28, lora::index width = 28);
 
 /// Reads an IDX label file (magic 0x00000801); every label must lie in [0, classes).
 std::vector<int> read_idx_labels(const std::string& path, int classes = 10);
@@ -74,7 +76,7 @@ image_dataset load_fashion_mnist(const std::string& dir = fashion_mnist_default_
 
 namespace detail {
 
-/// What every io_error of this header ends with: how to get the data the examples expect.
+/// What every lora::io_error of this header ends with: how to get the data the examples expect.
 inline constexpr const char* idx_install_hint =
     "; Fashion-MNIST is in the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist)";
 
@@ -106,13 +108,13 @@ inline std::size_t gz_read_some(gzFile file, const std::string& path, std::uint8
     std::string message = gzerror(file, &code);
     if (message.compare(0, path.size() + 2, path + ": ") == 0) message.erase(0, path.size() + 2);  // zlib's prefix
     if (code == Z_ERRNO) {
-      throw io_error(lora::detail::cat("cannot read '", path, "': ", std::strerror(errno), idx_install_hint));
+      throw lora::io_error(cat("cannot read '", path, "': ", std::strerror(errno), idx_install_hint));
     }
     if (code == Z_BUF_ERROR) {
-      throw format_error(lora::detail::cat("'", path, "' is truncated: its gzip stream ends early (", message, ")"));
+      throw lora::format_error(cat("'", path, "' is truncated: its gzip stream ends early (", message, ")"));
     }
     if (code != Z_OK) {
-      throw format_error(lora::detail::cat("'", path, "' is not a valid gzip stream (zlib: ", message, ")"));
+      throw lora::format_error(cat("'", path, "' is not a valid gzip stream (zlib: ", message, ")"));
     }
     break;  // end of data
   }
@@ -123,14 +125,14 @@ inline std::uint32_t load_be32(const std::uint8_t* p) {
   return (std::uint32_t{p[0]} << 24) | (std::uint32_t{p[1]} << 16) | (std::uint32_t{p[2]} << 8) | std::uint32_t{p[3]};
 }
 
-/// dir/stem.gz if it exists, else dir/stem if it exists, else an io_error naming both.
+/// dir/stem.gz if it exists, else dir/stem if it exists, else a lora::io_error naming both.
 inline std::string find_idx_file(const std::string& dir, const std::string& stem) {
   const std::string base = dir.empty() || dir.back() == '/' ? dir + stem : dir + "/" + stem;
   if (file_exists(base + ".gz")) return base + ".gz";
   if (file_exists(base)) return base;
-  throw io_error(lora::detail::cat("Fashion-MNIST file '", base, ".gz' not found (nor uncompressed '", base,
-                                   "'); install the data set (apt-get install dataset-fashion-mnist) or point the ",
-                                   "example at a folder holding the four IDX files"));
+  throw lora::io_error(cat("Fashion-MNIST file '", base, ".gz' not found (nor uncompressed '", base,
+                           "'); install the data set (apt-get install dataset-fashion-mnist) or point the ",
+                           "example at a folder holding the four IDX files"));
 }
 
 }  // namespace detail
@@ -138,48 +140,45 @@ inline std::string find_idx_file(const std::string& dir, const std::string& stem
 inline idx_array read_idx(const std::string& path, std::uint32_t magic, std::uint64_t max_bytes) {
   struct stat info {};
   if (::stat(path.c_str(), &info) != 0) {
-    throw io_error(
-        lora::detail::cat("cannot open IDX file '", path, "': ", std::strerror(errno), detail::idx_install_hint));
+    throw lora::io_error(cat("cannot open IDX file '", path, "': ", std::strerror(errno), detail::idx_install_hint));
   }
   if (S_ISDIR(info.st_mode)) {
-    throw io_error(lora::detail::cat("cannot read IDX file '", path, "': it is a directory", detail::idx_install_hint));
+    throw lora::io_error(cat("cannot read IDX file '", path, "': it is a directory", detail::idx_install_hint));
   }
   errno = 0;
   detail::gz_handle file(gzopen(path.c_str(), "rb"));
   if (!file) {
-    throw io_error(lora::detail::cat("cannot open IDX file '", path, "': ",
-                                     errno != 0 ? std::strerror(errno) : "out of memory", detail::idx_install_hint));
+    throw lora::io_error(cat("cannot open IDX file '", path, "': ", errno != 0 ? std::strerror(errno) : "out of memory",
+                             detail::idx_install_hint));
   }
   gzbuffer(file.get(), 1u << 17);
 
   // Header: magic, then one u32 per dimension.
   std::uint8_t word[4];
   if (const std::size_t got = detail::gz_read_some(file.get(), path, word, 4); got < 4) {
-    throw format_error(
-        lora::detail::cat("'", path, "' is truncated: ", got, " bytes, too short for the 4-byte IDX magic"));
+    throw lora::format_error(cat("'", path, "' is truncated: ", got, " bytes, too short for the 4-byte IDX magic"));
   }
   const std::uint32_t actual_magic = detail::load_be32(word);
   if (actual_magic != magic) {
-    throw format_error(lora::detail::cat("'", path, "' has IDX magic number ", detail::hex32(actual_magic),
-                                         ", expected ", detail::hex32(magic), " (unsigned bytes, ", magic & 0xffu,
-                                         " dimensions)"));
+    throw lora::format_error(cat("'", path, "' has IDX magic number ", detail::hex32(actual_magic), ", expected ",
+                                 detail::hex32(magic), " (unsigned bytes, ", magic & 0xffu, " dimensions)"));
   }
   idx_array out;
   out.dims.resize(magic & 0xffu);
   std::uint64_t total = 1;
   for (std::size_t d = 0; d < out.dims.size(); ++d) {
     if (detail::gz_read_some(file.get(), path, word, 4) < 4) {
-      throw format_error(lora::detail::cat("'", path, "' is truncated: the header ends before dimension ", d + 1,
-                                           " of ", out.dims.size()));
+      throw lora::format_error(
+          cat("'", path, "' is truncated: the header ends before dimension ", d + 1, " of ", out.dims.size()));
     }
     out.dims[d] = detail::load_be32(word);
     // total * dim > max_bytes, tested without overflow.
     if (out.dims[d] != 0 && total > max_bytes / out.dims[d]) {
       std::ostringstream dims;
       for (std::size_t k = 0; k <= d; ++k) dims << (k ? " x " : "") << out.dims[k];
-      throw format_error(lora::detail::cat("'", path, "' declares dimensions ", dims.str(),
-                                           (d + 1 < out.dims.size() ? " x ..." : ""), ", more than the limit of ",
-                                           max_bytes, " bytes"));
+      throw lora::format_error(cat("'", path, "' declares dimensions ", dims.str(),
+                                   (d + 1 < out.dims.size() ? " x ..." : ""), ", more than the limit of ", max_bytes,
+                                   " bytes"));
     }
     total *= out.dims[d];
   }
@@ -197,21 +196,21 @@ inline idx_array read_idx(const std::string& path, std::uint32_t magic, std::uin
   }
   out.data.resize(got);
   if (got < total) {
-    throw format_error(lora::detail::cat("'", path, "' is truncated: its header declares ", total,
-                                         " bytes of data, the file holds ", got));
+    throw lora::format_error(
+        cat("'", path, "' is truncated: its header declares ", total, " bytes of data, the file holds ", got));
   }
   if (got > total) {
-    throw format_error(
-        lora::detail::cat("'", path, "' has trailing bytes after the ", total, " bytes of data its header declares"));
+    throw lora::format_error(
+        cat("'", path, "' has trailing bytes after the ", total, " bytes of data its header declares"));
   }
   return out;
 }
 
-inline matrix<float> read_idx_images(const std::string& path, index height, index width) {
+inline lora::matrix<float> read_idx_images(const std::string& path, lora::index height, lora::index width) {
   const idx_array a = read_idx(path, idx_images_magic);
   if (a.dims[1] != height || a.dims[2] != width) {
-    throw format_error(
-        lora::detail::cat("'", path, "' holds ", a.dims[1], "x", a.dims[2], " images, expected ", height, "x", width));
+    throw lora::format_error(
+        cat("'", path, "' holds ", a.dims[1], "x", a.dims[2], " images, expected ", height, "x", width));
   }
   // The bytes are n x (height*width) row-major; a row-major map lets Eigen do the transposing copy.
   using row_major_bytes = Eigen::Matrix<std::uint8_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -224,8 +223,8 @@ inline std::vector<int> read_idx_labels(const std::string& path, int classes) {
   std::vector<int> labels(a.data.begin(), a.data.end());
   for (std::size_t i = 0; i < labels.size(); ++i) {
     if (labels[i] >= classes) {
-      throw format_error(
-          lora::detail::cat("'", path, "': label ", labels[i], " at index ", i, " is outside [0, ", classes, ")"));
+      throw lora::format_error(
+          cat("'", path, "': label ", labels[i], " at index ", i, " is outside [0, ", classes, ")"));
     }
   }
   return labels;
@@ -237,11 +236,11 @@ inline image_dataset load_fashion_mnist(const std::string& dir) {
       detail::find_idx_file(dir, "t10k-images-idx3-ubyte"), detail::find_idx_file(dir, "t10k-labels-idx1-ubyte")};
   image_dataset d{read_idx_images(files[0]), read_idx_labels(files[1]), read_idx_images(files[2]),
                   read_idx_labels(files[3])};
-  const auto check_counts = [](const std::string& images, index n_images, const std::string& labels,
+  const auto check_counts = [](const std::string& images, lora::index n_images, const std::string& labels,
                                std::size_t n_labels) {
     if (static_cast<std::size_t>(n_images) != n_labels) {
-      throw format_error(lora::detail::cat("'", images, "' holds ", n_images, " images but '", labels, "' holds ",
-                                           n_labels, " labels; the counts must agree"));
+      throw lora::format_error(cat("'", images, "' holds ", n_images, " images but '", labels, "' holds ", n_labels,
+                                   " labels; the counts must agree"));
     }
   };
   check_counts(files[0], d.train_x.rows(), files[1], d.train_y.size());
@@ -249,4 +248,4 @@ inline image_dataset load_fashion_mnist(const std::string& dir) {
   return d;
 }
 
-}  // namespace lora::examples
+}  // namespace ex

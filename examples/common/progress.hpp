@@ -19,7 +19,7 @@
 #include <lora/config.hpp>
 #include <string>
 
-namespace lora::examples {
+namespace ex {
 
 class progress_bar {
  public:
@@ -31,18 +31,18 @@ class progress_bar {
   ~progress_bar();
 
   /// Starts a run of `steps` steps, labelled `label`; resets the counters and the clock.
-  void begin(const std::string& label, index steps);
+  void begin(const std::string& label, lora::index steps);
   /// begin("epoch <epoch>/<epochs>", steps), epoch counted from 1.
-  void begin(int epoch, int epochs, index steps);
+  void begin(int epoch, int epochs, lora::index steps);
   /// Records one finished step over `samples` samples whose mean loss was `loss`; redraws if 0.1 s
   /// have passed since the last drawing or this was the last step.
-  void step(index samples, double loss);
+  void step(lora::index samples, double loss);
   /// Draws the final state (elapsed time in place of the ETA) and ends the line.
   void finish();
 
   bool enabled() const noexcept { return m_enabled; }
-  index steps_done() const noexcept { return m_step; }
-  index samples_done() const noexcept { return m_samples; }
+  lora::index steps_done() const noexcept { return m_step; }
+  lora::index samples_done() const noexcept { return m_samples; }
   /// Sample-weighted mean of the losses given to step() since begin().
   double mean_loss() const noexcept { return m_samples > 0 ? m_loss_sum / static_cast<double>(m_samples) : 0.0; }
   /// Seconds since begin().
@@ -57,9 +57,9 @@ class progress_bar {
   bool m_enabled;
   bool m_open = false;  ///< A line is drawn and not yet ended.
   std::string m_label;
-  index m_steps = 0;
-  index m_step = 0;
-  index m_samples = 0;
+  lora::index m_steps = 0;
+  lora::index m_step = 0;
+  lora::index m_samples = 0;
   double m_loss_sum = 0.0;
   clock::time_point m_start{};
   clock::time_point m_last_draw{};
@@ -70,12 +70,11 @@ class progress_bar {
 std::uint64_t peak_rss_bytes();
 /// The process's current resident set size (VmRSS) in bytes; 0 where unavailable.
 std::uint64_t current_rss_bytes();
+/// "mm:ss", or "h:mm:ss" from an hour on; negative durations read as "00:00".
+std::string format_duration(double seconds);
 
 // ---------------------------------------------------------------------------------------------------
 
-namespace detail {
-
-/// "mm:ss", or "h:mm:ss" from an hour on.
 inline std::string format_duration(double seconds) {
   const long long s = seconds > 0 ? static_cast<long long>(seconds + 0.5) : 0;
   char buf[32];
@@ -86,6 +85,8 @@ inline std::string format_duration(double seconds) {
   }
   return buf;
 }
+
+namespace detail {
 
 /// The value of a "Key:   123 kB" line of /proc/self/status in bytes; 0 if absent.
 inline std::uint64_t proc_status_bytes(const char* key) {
@@ -109,7 +110,7 @@ inline progress_bar::~progress_bar() {
   if (m_open) std::fputc('\n', m_out);
 }
 
-inline void progress_bar::begin(const std::string& label, index steps) {
+inline void progress_bar::begin(const std::string& label, lora::index steps) {
   if (m_open) finish();
   m_label = label;
   m_steps = steps;
@@ -121,11 +122,11 @@ inline void progress_bar::begin(const std::string& label, index steps) {
   m_last_width = 0;
 }
 
-inline void progress_bar::begin(int epoch, int epochs, index steps) {
+inline void progress_bar::begin(int epoch, int epochs, lora::index steps) {
   begin("epoch " + std::to_string(epoch) + "/" + std::to_string(epochs), steps);
 }
 
-inline void progress_bar::step(index samples, double loss) {
+inline void progress_bar::step(lora::index samples, double loss) {
   ++m_step;
   m_samples += samples;
   m_loss_sum += loss * static_cast<double>(samples);
@@ -161,7 +162,7 @@ inline void progress_bar::draw(bool final) {
   const double elapsed = elapsed_seconds();
   // ETA: the remaining steps at the mean pace so far.
   const double eta = m_step > 0 ? elapsed * static_cast<double>(m_steps - m_step) / static_cast<double>(m_step) : 0.0;
-  const std::string when = final ? "in " + detail::format_duration(elapsed) : "ETA " + detail::format_duration(eta);
+  const std::string when = final ? "in " + format_duration(elapsed) : "ETA " + format_duration(eta);
   char line[256];
   const int n = std::snprintf(line, sizeof line, "\r%s [%s%s] %lld/%lld loss %.4f %.0f samples/s %s", m_label.c_str(),
                               std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
@@ -180,4 +181,4 @@ inline std::uint64_t peak_rss_bytes() { return detail::proc_status_bytes("VmHWM"
 
 inline std::uint64_t current_rss_bytes() { return detail::proc_status_bytes("VmRSS"); }
 
-}  // namespace lora::examples
+}  // namespace ex
