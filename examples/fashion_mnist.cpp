@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <lora/io/atomic_file.hpp>
 #include <lora/io/peft.hpp>
 #include <lora/io/safetensors.hpp>
 #include <lora/lora.hpp>
@@ -53,7 +54,6 @@
 #include <vector>
 
 #include "common/domains.hpp"
-#include "common/files.hpp"
 #include "common/idx.hpp"
 #include "common/nn.hpp"
 #include "common/progress.hpp"
@@ -899,7 +899,7 @@ int main(int argc, char** argv) {
     print_table(e, o);
     const auto check = check_saved_adapter(base, data, e.best, o);  // 6. save, reload, merge
     if (!o.json_path.empty()) {
-      ex::save_text(o.json_path, results_json(o, e, check).dump(2) + "\n");
+      lora::io::write_file_atomically(o.json_path, results_json(o, e, check).dump(2) + "\n");
       std::printf("results written to %s\n", o.json_path.c_str());
     }
     std::printf("total %.0f s, peak RSS %s\n",

@@ -1,11 +1,10 @@
 // Tests for the examples' shared helpers: the nn ops (examples/common/nn.hpp: every backward against
 // central finite differences in double, softmax cross-entropy against hand-computed values), the
 // minibatch helpers, the target domains (examples/common/domains.hpp) and the progress bar
-// (examples/common/progress.hpp), and the string and file helpers (examples/common/strings.hpp, files.hpp).
+// (examples/common/progress.hpp), and the string helpers (examples/common/strings.hpp).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <iterator>
 #include <numeric>
 #include <set>
@@ -13,11 +12,9 @@
 #include <vector>
 
 #include "common/domains.hpp"
-#include "common/files.hpp"
 #include "common/nn.hpp"
 #include "common/progress.hpp"
 #include "common/strings.hpp"
-#include "file_support.hpp"
 #include "support.hpp"
 
 namespace {
@@ -515,20 +512,6 @@ TEST(example_progress, rss_figures_come_from_proc_self_status) {
 TEST(example_strings, cat_streams_every_part_and_shape_str_prints_rows_x_cols) {
   EXPECT_EQ(ex::cat("layer ", 3, ": ", 0.5, ' ', std::string("ok")), "layer 3: 0.5 ok");
   EXPECT_EQ(ex::shape_str(28, 784), "28x784");
-}
-
-TEST(example_files, save_text_replaces_the_file_and_reports_a_failure) {
-  const lora_test::temp_dir dir;
-  const std::string path = dir.file("out.json");
-  auto slurp = [&] {
-    std::ifstream in(path, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  };
-  ex::save_text(path, "a much longer first text\n");
-  EXPECT_EQ(slurp(), "a much longer first text\n");
-  ex::save_text(path, "{}\n");  // shorter: nothing of the old text may remain
-  EXPECT_EQ(slurp(), "{}\n");
-  expect_error<lora::io_error>([&] { ex::save_text(dir.path(), "x"); }, {dir.path()});
 }
 
 }  // namespace

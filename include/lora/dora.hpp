@@ -43,17 +43,18 @@ struct dora_pass {
   void scale_base(Y& y) const {
     y.noalias() = base * scale.asDiagonal();
   }
-  /// y += s H (diag(g) B)ᵀ for one DoRA adapter.
+  /// y += s H (diag(g) B)ᵀ for one DoRA adapter, g = m / norm (norm: n_a from this forward).
   template <typename H, typename Y>
-  void add_output(const adapter<Scalar>& a, const vector_type& g, const H& h, Y& y) {
-    g_b.noalias() = g.asDiagonal() * a.b();
+  void add_output(const adapter<Scalar>& a, const vector_type& norm, const H& h, Y& y) {
+    g_b.noalias() = a.magnitude().cwiseQuotient(norm).asDiagonal() * a.b();
     y.noalias() += (a.scaling() * h) * g_b.transpose();
   }
   /// Backward of one DoRA adapter: accumulates dB and dm, writes dH (n x r).
   template <typename DY, typename DH>
-  void adapter_backward(adapter<Scalar>& a, const vector_type& g, const vector_type& norm, const matrix_type& h,
-                        const DY& dy, DH& dh, matrix_type& grad_b, vector_type& grad_m) {
+  void adapter_backward(const adapter<Scalar>& a, const vector_type& norm, const matrix_type& h, const DY& dy, DH& dh,
+                        matrix_type& grad_b, vector_type& grad_m) {
     const Scalar s = a.scaling();
+    const auto g = a.magnitude().cwiseQuotient(norm);  // an expression: no allocation
     dyt_h.noalias() = dy.transpose() * h;              // out x r
     grad_b.noalias() += s * (g.asDiagonal() * dyt_h);  // out x r
     grad_m += (dy_dot_base + s * a.b().cwiseProduct(dyt_h).rowwise().sum()).cwiseQuotient(norm);

@@ -165,6 +165,9 @@ class layer_base {
   template <typename DA, typename DB>
   void check_factors(const std::string& name, index part, index rank, const Eigen::MatrixBase<DA>& a,
                      const Eigen::MatrixBase<DB>& b) const;
+  /// The DoRA magnitude `m` as a vector of length out_features; shape_error (naming `who`) otherwise.
+  template <typename DM>
+  vector_type checked_magnitude(const std::string& who, const Eigen::MatrixBase<DM>& m) const;
   void changed();
 };
 
@@ -322,6 +325,19 @@ void layer_base<Derived, Scalar>::check_factors(const std::string& name, index p
 }
 
 template <typename Derived, typename Scalar>
+template <typename DM>
+typename layer_base<Derived, Scalar>::vector_type layer_base<Derived, Scalar>::checked_magnitude(
+    const std::string& who, const Eigen::MatrixBase<DM>& m) const {
+  static_assert(std::is_same_v<typename DM::Scalar, Scalar>,
+                "lora: the magnitude's scalar type differs from the layer's (mismatched dtypes)");
+  const index out = derived().part(0).out_features();
+  if (m.size() != out || (m.rows() != 1 && m.cols() != 1))
+    throw shape_error(detail::cat(who, ": the magnitude must be a vector of length out_features = ", out, ", got ",
+                                  detail::shape_str(m.rows(), m.cols())));
+  return m.reshaped();
+}
+
+template <typename Derived, typename Scalar>
 template <typename DA, typename DB>
 void layer_base<Derived, Scalar>::set_factors(const std::string& name, index part, const Eigen::MatrixBase<DA>& a,
                                               const Eigen::MatrixBase<DB>& b) {
@@ -352,11 +368,7 @@ void layer_base<Derived, Scalar>::set_factors(const std::string& name, const Eig
   if (!ad.is_dora()) throw config_error(who + ": a magnitude was given, but the adapter does not use DoRA");
   if (ad.merged()) throw state_error(who + ": is merged; unmerge() before setting it");
   check_factors(name, 0, ad.rank(), a, b);
-  const index out = derived().part(0).out_features();
-  if (m.size() != out || (m.rows() != 1 && m.cols() != 1))
-    throw shape_error(detail::cat(who, ": the magnitude must be a vector of length out_features = ", out, ", got ",
-                                  detail::shape_str(m.rows(), m.cols())));
-  const vector_type mv = m.reshaped();
+  const vector_type mv = checked_magnitude(who, m);
   derived().part(0).core_set_factors(name, a, b, &mv);
   changed();
 }
@@ -382,12 +394,9 @@ typename layer_base<Derived, Scalar>::adapter_type& layer_base<Derived, Scalar>:
   const std::string who = detail::cat(derived().where(), " adapter '", name, "'");
   if (!config.use_dora) throw config_error(who + ": a magnitude was given, but config.use_dora is false");
   check_factors(name, 0, config.rank, a, b);
-  const index out = derived().part(0).out_features();
-  if (m.size() != out || (m.rows() != 1 && m.cols() != 1))
-    throw shape_error(detail::cat(who, ": the magnitude must be a vector of length out_features = ", out, ", got ",
-                                  detail::shape_str(m.rows(), m.cols())));
+  const vector_type mv = checked_magnitude(who, m);  // before anything is added
   adapter_type& added = add_adapter(name, config);
-  set_factors(name, a, b, m);
+  derived().part(0).core_set_factors(name, a, b, &mv);
   return added;
 }
 

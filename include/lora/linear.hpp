@@ -165,7 +165,7 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   linear& part(index) noexcept { return *this; }
   const linear& part(index) const noexcept { return *this; }
   bool takes_adapters(index) const noexcept { return true; }
-  std::string where() const { return (m_kind == adapter_kind::dense ? "linear '" : "embedding '") + m_name + "'"; }
+  std::string where() const { return "linear '" + m_name + "'"; }
   void on_adapters_changed() { invalidate_cache(); }
   void check_adapter_config(const std::string&, const adapter_config&) const {}
   adapter_config part_config(const adapter_config& c, index) const { return c; }
@@ -473,7 +473,7 @@ void linear<Scalar>::run_forward(Eigen::Ref<matrix_type> y) {
         a.m_h.noalias() = x * a.m_a.transpose();
       }
       if (a.is_dora()) {
-        m_dora.add_output(a, a.m_magnitude.cwiseQuotient(a.m_dora_norm), a.m_h, y);
+        m_dora.add_output(a, a.m_dora_norm, a.m_h, y);
       } else {
         y.noalias() += (a.m_scaling * a.m_h) * a.m_b.transpose();  // Y += s H Bᵀ
       }
@@ -543,8 +543,7 @@ void linear<Scalar>::adapter_backward(adapter_type& a, const X& x, Eigen::Ref<co
   if (m_dh_buffer.size() < a.m_h.size()) m_dh_buffer.resize(a.m_h.size());
   Eigen::Map<matrix_type> dh(m_dh_buffer.data(), a.m_h.rows(), a.m_h.cols());
   if (a.is_dora()) {
-    const vector_type g = a.m_magnitude.cwiseQuotient(a.m_dora_norm);
-    m_dora.adapter_backward(a, g, a.m_dora_norm, a.m_h, dy, dh, a.m_grad_b, a.m_grad_magnitude);
+    m_dora.adapter_backward(a, a.m_dora_norm, a.m_h, dy, dh, a.m_grad_b, a.m_grad_magnitude);
   } else {
     a.m_grad_b.noalias() += (s * dy.transpose()) * a.m_h;  // dB += s dYᵀ H   (out x r)
     dh.noalias() = (s * dy) * a.m_b;                       // dH  = s dY B    (n x r)
