@@ -148,16 +148,17 @@ class conv2d : public layer_base<conv2d<Scalar_>, Scalar_> {
   // kaiming-uniform bound 1/sqrt(C kh kw)) and B (O x r, PEFT's [O, r, 1, 1]), named
   // "<layer>.lora_A.<adapter>.weight" and "<layer>.lora_B.<adapter>.weight".
 
-  /// Training forward: returns Y (n x O Ho Wo) and caches Col for backward.
-  template <typename Derived>
-  matrix_type forward(const Eigen::MatrixBase<Derived>& x);
-  /// Training forward into a caller-sized y (n x O Ho Wo).
+  using workspace_type = conv2d_workspace<Scalar>;
+  // forward(x) -> Y, backward(dy) -> dX and infer(x) -> Y, allocating their results, come from layer_base.
+  using base_type::backward;
+  using base_type::forward;
+  using base_type::infer;
+
+  /// Training forward into a caller-sized y (n x O Ho Wo); caches Col for backward.
   template <typename Derived>
   void forward(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y);
 
-  /// Backward: accumulates dA, dB and returns dX (n x C H W).
-  template <typename Derived>
-  matrix_type backward(const Eigen::MatrixBase<Derived>& dy);
+  /// Backward: accumulates dA, dB and writes dX (n x C H W).
   template <typename Derived>
   void backward(const Eigen::MatrixBase<Derived>& dy, Eigen::Ref<matrix_type> dx);
   /// Backward for the adapters' gradients only (no dCol GEMM, no col2im).
@@ -168,14 +169,11 @@ class conv2d : public layer_base<conv2d<Scalar_>, Scalar_> {
 
   template <typename Derived>
   void infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y, conv2d_workspace<Scalar>& ws) const;
-  template <typename Derived>
-  matrix_type infer(const Eigen::MatrixBase<Derived>& x) const;
 
  private:
   friend base_type;
 
   // --- what layer_base asks of a layer: one part per group; only an ungrouped kernel takes adapters -
-  static constexpr bool multi_part = false;
   static constexpr const char* part_noun = "group";
   static constexpr const char* part_rule = " (groups = 1)";
   index num_parts() const noexcept { return static_cast<index>(m_groups.size()); }
@@ -185,7 +183,6 @@ class conv2d : public layer_base<conv2d<Scalar_>, Scalar_> {
   std::string where() const { return "conv2d '" + m_name + "'"; }
   void on_adapters_changed() { m_has_cache = false; }
   void check_adapter_config(const std::string& name, const adapter_config& config) const;
-  adapter_config part_config(const adapter_config& c, index) const { return c; }
   void add_cache_bytes(parameter_report& r) const {
     if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_col.size() * sizeof(Scalar));
   }
@@ -462,28 +459,12 @@ void conv2d<Scalar>::convolve(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<ma
 
 template <typename Scalar>
 template <typename Derived>
-typename conv2d<Scalar>::matrix_type conv2d<Scalar>::forward(const Eigen::MatrixBase<Derived>& x) {
-  matrix_type y(x.rows(), out_features());
-  forward(x, y);
-  return y;
-}
-
-template <typename Scalar>
-template <typename Derived>
 void conv2d<Scalar>::forward(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y) {
   // Each group keeps a view of its columns of m_col for backward.
   convolve(x, y, m_xt, m_col, m_yp,
            [this](index g, const auto& col, auto yp) { m_groups[static_cast<std::size_t>(g)].forward(col, yp); });
   m_n = x.rows();
   m_has_cache = true;
-}
-
-template <typename Scalar>
-template <typename Derived>
-typename conv2d<Scalar>::matrix_type conv2d<Scalar>::backward(const Eigen::MatrixBase<Derived>& dy) {
-  matrix_type dx(dy.rows(), in_features());
-  backward(dy, dx);
-  return dx;
 }
 
 template <typename Scalar>
@@ -532,15 +513,6 @@ void conv2d<Scalar>::infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matri
                            conv2d_workspace<Scalar>& ws) const {
   convolve(x, y, ws.xt, ws.col, ws.yp,
            [&](index g, const auto& col, auto yp) { m_groups[static_cast<std::size_t>(g)].infer(col, yp, ws.linear); });
-}
-
-template <typename Scalar>
-template <typename Derived>
-typename conv2d<Scalar>::matrix_type conv2d<Scalar>::infer(const Eigen::MatrixBase<Derived>& x) const {
-  matrix_type y(x.rows(), out_features());
-  conv2d_workspace<Scalar> ws;
-  infer(x, y, ws);
-  return y;
 }
 
 }  // namespace lora

@@ -110,17 +110,11 @@ class embedding : public layer_base<embedding<Scalar_>, Scalar_> {
   friend base_type;
 
   // --- what layer_base asks of a layer: one part, the table seen as a linear ---------------------
-  static constexpr bool multi_part = false;
-  static constexpr const char* part_noun = "part";
-  static constexpr const char* part_rule = "";
-  index num_parts() const noexcept { return 1; }
   linear<Scalar>& part(index) noexcept { return m_table; }
   const linear<Scalar>& part(index) const noexcept { return m_table; }
-  bool takes_adapters(index) const noexcept { return true; }
   std::string where() const { return "embedding '" + name() + "'"; }
   void on_adapters_changed() { m_has_cache = false; }
   void check_adapter_config(const std::string& adapter_name, const adapter_config& config) const;
-  adapter_config part_config(const adapter_config& c, index) const { return c; }
   void add_cache_bytes(parameter_report& r) const {
     if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_ids.size() * sizeof(index));
   }

@@ -8,18 +8,19 @@
 // them once beforehand, and words every error with the layer's own name ("embedding 'wte'").
 //
 // Derived provides (privately; it befriends layer_base):
+//   linear<Scalar>& part(index) (+const)  part i
+//   std::string where() const            "embedding 'wte'"
+//   void on_adapters_changed()           forget cached forwards
+//   matrix weight() const                the frozen weight (merged adapters included), what unload returns
+// and, where the defaults below (one part that takes adapters, nothing else to check or count) do not fit:
 //   static constexpr bool multi_part      several parts take adapters (adapter(name) then needs a part)
 //   static constexpr const char* part_noun "slice", "group": what a part is called in messages
 //   static constexpr const char* part_rule " (enable_lora set)": which parts take adapters, for messages
 //   index num_parts() const              every part, whether it takes adapters or not
-//   linear<Scalar>& part(index) (+const)  part i
 //   bool takes_adapters(index) const
-//   std::string where() const            "embedding 'wte'"
-//   void on_adapters_changed()           forget cached forwards
 //   void check_adapter_config(const std::string& name, const adapter_config&) const   refusals of its own
 //   adapter_config part_config(const adapter_config&, index part) const              e.g. seeds per slice
 //   void add_cache_bytes(parameter_report&) const                                   caches the parts miss
-//   matrix weight() const                the frozen weight (merged adapters included), what unload returns
 #pragma once
 
 #include <Eigen/Core>
@@ -140,8 +141,32 @@ class layer_base {
 
   parameter_report report() const;
 
+  // --- allocating forms of a layer's own forward, backward and infer ---------------------------------
+  // For layers whose input is a matrix (Derived defines the caller-sized forms forward(x, y),
+  // backward(dy, dx), infer(x, y, ws) with its workspace_type, and brings these in with `using`).
+
+  /// Training forward returning Y (n x out_features).
+  template <typename X>
+  matrix_type forward(const Eigen::MatrixBase<X>& x);
+  /// Backward returning dX (n x in_features).
+  template <typename DY>
+  matrix_type backward(const Eigen::MatrixBase<DY>& dy);
+  /// Const inference returning Y, with a workspace of its own.
+  template <typename X>
+  matrix_type infer(const Eigen::MatrixBase<X>& x) const;
+
  protected:
   layer_base() = default;
+
+  // The defaults of the hooks a layer may redefine (see the top of this file).
+  static constexpr bool multi_part = false;
+  static constexpr const char* part_noun = "part";
+  static constexpr const char* part_rule = "";
+  index num_parts() const noexcept { return 1; }
+  bool takes_adapters(index) const noexcept { return true; }
+  void check_adapter_config(const std::string&, const adapter_config&) const {}
+  adapter_config part_config(const adapter_config& c, index) const { return c; }
+  void add_cache_bytes(parameter_report&) const {}
 
   Derived& derived() { return static_cast<Derived&>(*this); }
   const Derived& derived() const { return static_cast<const Derived&>(*this); }
@@ -553,6 +578,33 @@ typename layer_base<Derived, Scalar>::matrix_type layer_base<Derived, Scalar>::m
 
 // ---------------------------------------------------------------------------------------------------
 // accounting
+
+template <typename Derived, typename Scalar>
+template <typename X>
+typename layer_base<Derived, Scalar>::matrix_type layer_base<Derived, Scalar>::forward(const Eigen::MatrixBase<X>& x) {
+  matrix_type y(x.rows(), derived().out_features());
+  derived().forward(x, y);
+  return y;
+}
+
+template <typename Derived, typename Scalar>
+template <typename DY>
+typename layer_base<Derived, Scalar>::matrix_type layer_base<Derived, Scalar>::backward(
+    const Eigen::MatrixBase<DY>& dy) {
+  matrix_type dx(dy.rows(), derived().in_features());
+  derived().backward(dy, dx);
+  return dx;
+}
+
+template <typename Derived, typename Scalar>
+template <typename X>
+typename layer_base<Derived, Scalar>::matrix_type layer_base<Derived, Scalar>::infer(
+    const Eigen::MatrixBase<X>& x) const {
+  matrix_type y(x.rows(), derived().out_features());
+  typename Derived::workspace_type ws;
+  derived().infer(x, y, ws);
+  return y;
+}
 
 template <typename Derived, typename Scalar>
 parameter_report layer_base<Derived, Scalar>::report() const {

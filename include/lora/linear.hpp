@@ -122,19 +122,21 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
 
   // --- training ----------------------------------------------------------------------------------
 
-  /// Training forward: returns Y (n x out) and caches a view of X (X must outlive backward) and H.
-  template <typename Derived>
-  matrix_type forward(const Eigen::MatrixBase<Derived>& x);
+  using workspace_type = inference_workspace<Scalar>;
+  // forward(x) -> Y, backward(dy) -> dX and infer(x) -> Y, allocating their results, come from layer_base.
+  using base_type::backward;
+  using base_type::forward;
+  using base_type::infer;
+
   /// Training forward taking ownership of X (safe for temporaries).
   matrix_type forward(matrix_type&& x);
-  /// Training forward into a caller-sized y (n x out), no allocation once workspaces are warm.
+  /// Training forward into a caller-sized y (n x out), no allocation once workspaces are warm; caches a
+  /// view of X (X must outlive backward) and H.
   template <typename Derived>
   void forward(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y);
 
-  /// Backward: accumulates dA, dB of the adapters that took part in the last forward and returns dX.
-  template <typename Derived>
-  matrix_type backward(const Eigen::MatrixBase<Derived>& dy);
-  /// Backward into a caller-sized dx (n x in).
+  /// Backward into a caller-sized dx (n x in): accumulates dA, dB of the adapters that took part in the
+  /// last forward.
   template <typename Derived>
   void backward(const Eigen::MatrixBase<Derived>& dy, Eigen::Ref<matrix_type> dx);
   /// Backward for the adapters' gradients only, skipping the n x out x in GEMM for dX (first layers).
@@ -147,9 +149,6 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   /// many threads at once with one workspace each; allocates nothing once the workspace is warm.
   template <typename Derived>
   void infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const;
-  /// Convenience form that allocates its output and workspace.
-  template <typename Derived>
-  matrix_type infer(const Eigen::MatrixBase<Derived>& x) const;
 
  private:
   friend base_type;
@@ -158,18 +157,10 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   friend class embedding<Scalar>;
 
   // --- what layer_base asks of a layer (a linear is its own single part) ---------------------------
-  static constexpr bool multi_part = false;
-  static constexpr const char* part_noun = "part";
-  static constexpr const char* part_rule = "";
-  index num_parts() const noexcept { return 1; }
   linear& part(index) noexcept { return *this; }
   const linear& part(index) const noexcept { return *this; }
-  bool takes_adapters(index) const noexcept { return true; }
   std::string where() const { return "linear '" + m_name + "'"; }
   void on_adapters_changed() { invalidate_cache(); }
-  void check_adapter_config(const std::string&, const adapter_config&) const {}
-  adapter_config part_config(const adapter_config& c, index) const { return c; }
-  void add_cache_bytes(parameter_report&) const {}
 
   // --- core primitives: one part's share of the adapter API, called after layer_base checked the call ---
   adapter_type* core_find(const std::string& name);
@@ -200,6 +191,8 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   parameter_report core_report() const;
 
   // --- the engine ----------------------------------------------------------------------------------
+  /// Views column-major storage (rows x cols, leading dimension stride) holding W, or Wᵀ when transposed.
+  void bind_view(Scalar* data, index rows, index cols, index stride, bool transposed);
   Scalar* data() noexcept { return m_view_data ? m_view_data : m_owned.data(); }
   const Scalar* data() const noexcept { return m_view_data ? m_view_data : m_owned.data(); }
   stored_map stored() { return stored_map(data(), m_rows, m_cols, Eigen::OuterStride<>(m_stride)); }
@@ -303,15 +296,7 @@ linear<Scalar>::linear(view_t, Eigen::Ref<matrix_type, 0, Eigen::OuterStride<>> 
                        weight_layout layout)
     : m_name(std::move(name)) {
   // Column-major memory of an out x in W is W itself; of an in x out (fan_in_fan_out) W it is Wᵀ.
-  m_view_data = weight.data();
-  m_rows = weight.rows();
-  m_cols = weight.cols();
-  m_stride = weight.outerStride();
-  m_transposed = layout == weight_layout::in_out;
-  m_out = m_transposed ? m_cols : m_rows;
-  m_in = m_transposed ? m_rows : m_cols;
-  if (m_in == 0 || m_out == 0)
-    throw shape_error(detail::cat(where(), ": weight must be non-empty, got ", detail::shape_str(m_rows, m_cols)));
+  bind_view(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), layout == weight_layout::in_out);
 }
 
 template <typename Scalar>
@@ -319,16 +304,21 @@ linear<Scalar>::linear(view_t, Eigen::Ref<row_major_matrix, 0, Eigen::OuterStrid
                        weight_layout layout)
     : m_name(std::move(name)) {
   // Row-major memory of an R x C matrix is the column-major C x R transpose.
-  m_view_data = weight.data();
-  m_rows = weight.cols();
-  m_cols = weight.rows();
-  m_stride = weight.outerStride();
-  m_transposed = layout == weight_layout::out_in;
+  bind_view(weight.data(), weight.cols(), weight.rows(), weight.outerStride(), layout == weight_layout::out_in);
+}
+
+template <typename Scalar>
+void linear<Scalar>::bind_view(Scalar* data, index rows, index cols, index stride, bool transposed) {
+  m_view_data = data;
+  m_rows = rows;
+  m_cols = cols;
+  m_stride = stride;
+  m_transposed = transposed;
   m_out = m_transposed ? m_cols : m_rows;
   m_in = m_transposed ? m_rows : m_cols;
   if (m_in == 0 || m_out == 0)
     throw shape_error(
-        detail::cat(where(), ": weight must be non-empty, got ", detail::shape_str(weight.rows(), weight.cols())));
+        detail::cat(where(), ": weight must be non-empty, got ", detail::shape_str(m_out, m_in), " (out x in)"));
 }
 
 template <typename Scalar>
@@ -392,17 +382,6 @@ void linear<Scalar>::base_backward(const DY& dy, DX& dx) const {
   } else {
     dx.noalias() = dy * stored_weight();
   }
-}
-
-template <typename Scalar>
-template <typename Derived>
-typename linear<Scalar>::matrix_type linear<Scalar>::forward(const Eigen::MatrixBase<Derived>& x) {
-  check_same_scalar<Derived>();
-  check_input(x.rows(), x.cols(), "input X");
-  matrix_type y(x.rows(), m_out);
-  m_x.bind(x);
-  run_forward(y);
-  return y;
 }
 
 template <typename Scalar>
@@ -484,16 +463,6 @@ void linear<Scalar>::run_forward(Eigen::Ref<matrix_type> y) {
 
 // ---------------------------------------------------------------------------------------------------
 // backward
-
-template <typename Scalar>
-template <typename Derived>
-typename linear<Scalar>::matrix_type linear<Scalar>::backward(const Eigen::MatrixBase<Derived>& dy) {
-  check_same_scalar<Derived>();
-  matrix_type dx(dy.rows(), m_in);
-  Eigen::Ref<matrix_type> ref(dx);
-  run_backward(dy, &ref);
-  return dx;
-}
 
 template <typename Scalar>
 template <typename Derived>
@@ -612,15 +581,6 @@ void linear<Scalar>::run_infer(const detail::input_cache<Scalar>& view, Eigen::R
       }
     }
   });
-}
-
-template <typename Scalar>
-template <typename Derived>
-typename linear<Scalar>::matrix_type linear<Scalar>::infer(const Eigen::MatrixBase<Derived>& x) const {
-  matrix_type y(x.rows(), m_out);
-  inference_workspace<Scalar> ws;
-  infer(x, y, ws);
-  return y;
 }
 
 }  // namespace lora

@@ -99,18 +99,19 @@ class merged_linear : public layer_base<merged_linear<Scalar_>, Scalar_> {
 
   // --- training (the adapter API, train/eval, parameters and merging come from layer_base) -------
 
-  /// Training forward: returns Y (n x out) and caches a view of X (X must outlive backward).
-  template <typename Derived>
-  matrix_type forward(const Eigen::MatrixBase<Derived>& x);
+  using workspace_type = inference_workspace<Scalar>;
+  // forward(x) -> Y, backward(dy) -> dX and infer(x) -> Y, allocating their results, come from layer_base.
+  using base_type::backward;
+  using base_type::forward;
+  using base_type::infer;
+
   /// Training forward taking ownership of X (safe for temporaries).
   matrix_type forward(matrix_type&& x);
-  /// Training forward into a caller-sized y (n x out).
+  /// Training forward into a caller-sized y (n x out); caches a view of X (X must outlive backward).
   template <typename Derived>
   void forward(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y);
 
-  /// Backward: accumulates every slice's dA, dB and returns dX = Σ_i dX_i (n x in).
-  template <typename Derived>
-  matrix_type backward(const Eigen::MatrixBase<Derived>& dy);
+  /// Backward: accumulates every slice's dA, dB and writes dX = Σ_i dX_i (n x in).
   template <typename Derived>
   void backward(const Eigen::MatrixBase<Derived>& dy, Eigen::Ref<matrix_type> dx);
   /// Backward for the adapters' gradients only (no dX GEMMs).
@@ -121,8 +122,6 @@ class merged_linear : public layer_base<merged_linear<Scalar_>, Scalar_> {
 
   template <typename Derived>
   void infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const;
-  template <typename Derived>
-  matrix_type infer(const Eigen::MatrixBase<Derived>& x) const;
 
  private:
   friend base_type;
@@ -252,14 +251,6 @@ void merged_linear<Scalar>::check_input(index rows, index cols) const {
 }
 
 template <typename Scalar>
-template <typename Derived>
-typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::forward(const Eigen::MatrixBase<Derived>& x) {
-  matrix_type y(x.rows(), out_features());
-  forward(x, y);
-  return y;
-}
-
-template <typename Scalar>
 typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::forward(matrix_type&& x) {
   check_input(x.rows(), x.cols());
   matrix_type y(x.rows(), out_features());
@@ -285,14 +276,6 @@ void merged_linear<Scalar>::run_forward(Eigen::Ref<matrix_type> y) {
       m_slices[static_cast<std::size_t>(i)].forward(x, y.middleCols(i * m_slice_out, m_slice_out));
   });
   m_has_cache = true;
-}
-
-template <typename Scalar>
-template <typename Derived>
-typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::backward(const Eigen::MatrixBase<Derived>& dy) {
-  matrix_type dx(dy.rows(), m_in);
-  backward(dy, dx);
-  return dx;
 }
 
 template <typename Scalar>
@@ -347,15 +330,6 @@ void merged_linear<Scalar>::infer(const Eigen::MatrixBase<Derived>& x, Eigen::Re
   view.visit([&](const auto& xv) {
     for (index i = 0; i < num_slices(); ++i) slice(i).infer(xv, y.middleCols(i * m_slice_out, m_slice_out), ws);
   });
-}
-
-template <typename Scalar>
-template <typename Derived>
-typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::infer(const Eigen::MatrixBase<Derived>& x) const {
-  matrix_type y(x.rows(), out_features());
-  inference_workspace<Scalar> ws;
-  infer(x, y, ws);
-  return y;
 }
 
 }  // namespace lora

@@ -112,18 +112,26 @@ void delta_block(const matrix<Scalar>& p, const matrix<Scalar>& q, index j0, ind
   d.noalias() = p.lazyProduct(q.middleRows(j0, nb).transpose());
 }
 
+/// Calls f(i, j, d_ij) for every element of D = P Qᵀ (rows x cols), block of columns after block, in an
+/// order fixed by the shapes alone; stops at the first f that returns false. True if it ran to the end.
+template <typename Scalar, typename F>
+bool for_each_delta(const merge_record<Scalar>& rec, index rows, index cols, F&& f) {
+  matrix<Scalar> d;
+  for (index j0 = 0; j0 < cols; j0 += merge_block_cols) {
+    const index nb = std::min(merge_block_cols, cols - j0);
+    delta_block(rec.p, rec.q, j0, nb, d);
+    for (index j = 0; j < nb; ++j)
+      for (index i = 0; i < rows; ++i)
+        if (!f(i, j0 + j, d(i, j))) return false;
+  }
+  return true;
+}
+
 /// True if every element of the merged weight would be finite. Reads W only.
 template <typename Scalar, typename WeightMap>
 bool merge_is_finite(const WeightMap& w, const merge_record<Scalar>& rec) {
-  matrix<Scalar> d;
-  for (index j0 = 0; j0 < w.cols(); j0 += merge_block_cols) {
-    const index nb = std::min(merge_block_cols, w.cols() - j0);
-    delta_block(rec.p, rec.q, j0, nb, d);
-    for (index j = 0; j < nb; ++j)
-      for (index i = 0; i < w.rows(); ++i)
-        if (!std::isfinite(rec.forward(w(i, j0 + j), d(i, j), i, j0 + j))) return false;
-  }
-  return true;
+  return for_each_delta(rec, w.rows(), w.cols(),
+                        [&](index i, index j, Scalar d) { return std::isfinite(rec.forward(w(i, j), d, i, j)); });
 }
 
 /// W += P Qᵀ (or W = g ⊙ (W + P Qᵀ) for DoRA), filling rec.ulps / rec.exact so that unmerge_exact restores W bit for
@@ -133,46 +141,33 @@ void merge_exact(WeightMap& w, merge_record<Scalar>& rec) {
   const index rows = w.rows();
   rec.ulps.assign(static_cast<std::size_t>(rows * w.cols()), 0);
   rec.exact.clear();
-  matrix<Scalar> d;
-  for (index j0 = 0; j0 < w.cols(); j0 += merge_block_cols) {
-    const index nb = std::min(merge_block_cols, w.cols() - j0);
-    delta_block(rec.p, rec.q, j0, nb, d);
-    for (index j = 0; j < nb; ++j) {
-      for (index i = 0; i < rows; ++i) {
-        const Scalar original = w(i, j0 + j);
-        const Scalar merged = rec.forward(original, d(i, j), i, j0 + j);
-        const Scalar back = rec.inverse(merged, d(i, j), i, j0 + j);
-        // Wrapping subtraction (no UB for NaN payloads); a wrapped step fails the check below.
-        const auto step = static_cast<std::int64_t>(static_cast<std::uint64_t>(ordered_int(original)) -
-                                                    static_cast<std::uint64_t>(ordered_int(back)));
-        const index at = (j0 + j) * rows + i;
-        if (step >= -127 && step <= 127 && same_bits(step_ulps(back, step), original)) {
-          rec.ulps[static_cast<std::size_t>(at)] = static_cast<std::int8_t>(step);
-        } else {
-          rec.exact.emplace_back(at, original);
-        }
-        w(i, j0 + j) = merged;
-      }
+  for_each_delta(rec, rows, w.cols(), [&](index i, index j, Scalar d) {
+    const Scalar original = w(i, j);
+    const Scalar merged = rec.forward(original, d, i, j);
+    const Scalar back = rec.inverse(merged, d, i, j);
+    // Wrapping subtraction (no UB for NaN payloads); a wrapped step fails the check below.
+    const auto step = static_cast<std::int64_t>(static_cast<std::uint64_t>(ordered_int(original)) -
+                                                static_cast<std::uint64_t>(ordered_int(back)));
+    const index at = j * rows + i;
+    if (step >= -127 && step <= 127 && same_bits(step_ulps(back, step), original)) {
+      rec.ulps[static_cast<std::size_t>(at)] = static_cast<std::int8_t>(step);
+    } else {
+      rec.exact.emplace_back(at, original);
     }
-  }
+    w(i, j) = merged;
+    return true;
+  });
 }
 
 /// Undoes merge_exact: applies the inverse of the merge, then corrects every element to its recorded original bits.
 template <typename Scalar, typename WeightMap>
 void unmerge_exact(WeightMap& w, const merge_record<Scalar>& rec) {
   const index rows = w.rows();
-  matrix<Scalar> d;
-  for (index j0 = 0; j0 < w.cols(); j0 += merge_block_cols) {
-    const index nb = std::min(merge_block_cols, w.cols() - j0);
-    delta_block(rec.p, rec.q, j0, nb, d);
-    for (index j = 0; j < nb; ++j) {
-      for (index i = 0; i < rows; ++i) {
-        const Scalar back = rec.inverse(w(i, j0 + j), d(i, j), i, j0 + j);
-        const std::int64_t step = rec.ulps[static_cast<std::size_t>((j0 + j) * rows + i)];
-        w(i, j0 + j) = step_ulps(back, step);
-      }
-    }
-  }
+  for_each_delta(rec, rows, w.cols(), [&](index i, index j, Scalar d) {
+    const Scalar back = rec.inverse(w(i, j), d, i, j);
+    w(i, j) = step_ulps(back, static_cast<std::int64_t>(rec.ulps[static_cast<std::size_t>(j * rows + i)]));
+    return true;
+  });
   for (const auto& [at, original] : rec.exact) w(at % rows, at / rows) = original;
 }
 
