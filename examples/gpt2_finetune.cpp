@@ -26,12 +26,11 @@
 //     of the base, and checks that the reloaded model evaluates exactly as the trained one and that
 //     merging changes the logits by at most 1e-4 (relative); the program exits 1 if any check fails.
 //
-// The eval definition (`gpt2_finetune eval`): the text is tokenized whole (n tokens) and cut into
-// consecutive non-overlapping windows of n_positions tokens, a last partial window of at least 2 tokens
-// included; in each window of m tokens, tokens 1 .. m-1 are predicted from the window's earlier tokens
-// (P = Σ (m − 1) predictions). loss_nats_per_token x = mean of −ln p over the P predictions;
-// bits_per_byte y = (P x / ln 2) / B, B = the UTF-8 bytes of the P predicted tokens (B = P for the
-// byte tokenizer).
+// The eval definition (`gpt2_finetune eval`, docs/CONVENTIONS.md §eval): the text is tokenized whole (n tokens) and cut
+// into consecutive non-overlapping windows of n_positions tokens, a last partial window of at least 2 tokens included;
+// in each window of m tokens, tokens 1 .. m-1 are predicted from the window's earlier tokens (P = Σ (m − 1)
+// predictions). loss_nats_per_token x = mean of −ln p over the P predictions; bits_per_byte y = (P x / ln 2) / B, B =
+// the UTF-8 bytes of the P predicted tokens (B = P for the byte tokenizer).
 //
 // Verbs: pretrain, finetune, generate, eval, study (the default study, or --full-study). `--help` on
 // each. The study's --json (fields listed in study_json below) feeds scripts/plot_gpt2.sh.
@@ -99,6 +98,8 @@ const char* kUsage =
 struct pretrain_options {
   std::string fortunes = ex::fortunes_default_dir;
   std::string out = std::string(kDefaultCache) + "/base";
+  std::vector<std::string> text_files;  ///< instead of the fortunes: pretrain on these files
+  std::string val_text;                 ///< with text_files: the validation text (optional)
   gpt2_config config = [] {
     gpt2_config c;
     c.n_layer = 4;
@@ -216,6 +217,8 @@ const char* kPretrainUsage =
     "  --lr X               peak learning rate (default 3e-3)\n"
     "  --seed S             initialisation and data-order seed (default 1)\n"
     "  --val-bytes N        validation text evaluated at the end, in bytes (default 32768)\n"
+    "  --text FILES         pretrain on these text files (comma-separated) instead of the fortunes\n"
+    "  --val-text FILE      with --text: the validation text\n"
     "training (defaults: 400 steps of 16 x 128 tokens, cosine after 40 warm-up steps, weight decay 0.01):\n";
 
 void parse_pretrain(const std::vector<std::string>& args, pretrain_options& o) {
@@ -234,8 +237,13 @@ void parse_pretrain(const std::vector<std::string>& args, pretrain_options& o) {
          o.train.seed = o.init_seed;
        }));
   f.bind("--val-bytes", o.val_bytes, 2);
+  f.on("--text", ex::flag_table::setter([&](const std::string& v) {
+         for (auto& w : f.words("--text", v)) o.text_files.push_back(w);
+       }));
+  f.bind("--val-text", o.val_text);
   bind_train_flags(f, o.train);
   f.parse(args);
+  if (!o.val_text.empty() && o.text_files.empty()) f.fail("--val-text goes with --text");
   try {
     o.config.validate("the model shape");
   } catch (const lora::error& e) {
@@ -245,23 +253,50 @@ void parse_pretrain(const std::vector<std::string>& args, pretrain_options& o) {
 }
 
 /// Everything that decides the pretrained weights, as one string.
-std::string pretrain_recipe(const pretrain_options& o, const ex::corpus_spec& english) {
+/// Everything that decides the pretrained weights, as one string (`data_hash`: of the text).
+std::string pretrain_recipe(const pretrain_options& o, std::uint64_t data_hash) {
   const auto& c = o.config;
   const auto& t = o.train;
-  std::uint64_t files = 0;
-  for (const auto& f : english.files) files ^= ex::fnv1a64(f) + 0x9e3779b97f4a7c15ull + (files << 6) + (files >> 2);
   return ex::cat("gpt2 byte-level L", c.n_layer, " H", c.n_head, " d", c.n_embd, " ctx", c.n_positions, " V",
                  c.vocab_size, "; adamw lr ", t.lr, " ", ex::to_string(t.schedule), " warmup ", t.warmup, " wd ",
                  t.weight_decay, " clip ", t.clip, "; ", t.steps, " steps x ", t.accum, " x ", t.batch, " x ",
-                 t.context, " tokens; seed ", o.init_seed, "; english train split, ", english.files.size(),
-                 " files, hash ", files);
+                 t.context, " tokens; seed ", o.init_seed, "; data hash ", data_hash);
+}
+
+/// The pretraining text: the English fortunes' train and (capped) validation splits, or --text files.
+struct pretrain_text {
+  std::string description, train, validation;
+  std::vector<std::string> files;
+  std::uint64_t hash = 0;  ///< of the file names and contents, for the recipe
+};
+
+pretrain_text read_pretrain_text(const pretrain_options& o) {
+  pretrain_text p;
+  if (o.text_files.empty()) {
+    const ex::corpus_spec english = ex::fortune_corpus(o.fortunes, "english");
+    const std::size_t caps[3] = {0, o.val_bytes, 0};
+    ex::corpus_splits text = ex::read_corpus(o.fortunes, english, caps);
+    p.description = english.description + ", train split";
+    p.files = english.files;
+    p.train = std::move(text.train);
+    p.validation = std::move(text.validation);
+  } else {
+    p.description = "text files";
+    p.files = o.text_files;
+    for (std::size_t i = 0; i < o.text_files.size(); ++i)
+      p.train += (i > 0 ? "\n%\n" : "") + ex::read_text_file(o.text_files[i]);
+    if (!o.val_text.empty()) p.validation = ex::read_text_file(o.val_text);
+  }
+  p.hash = ex::fnv1a64(p.train) ^ (ex::fnv1a64(p.validation) * 31);
+  for (const auto& f : p.files) p.hash = p.hash * 1099511628211ull ^ ex::fnv1a64(f);
+  return p;
 }
 
 /// The pretrained base in o.out: reused when its pretrain.json has the same recipe and it loads,
 /// else trained and saved. Returns the folder's pretrain.json.
 json ensure_base(const pretrain_options& o, bool quiet) {
-  const ex::corpus_spec english = ex::fortune_corpus(o.fortunes, "english");
-  const std::string recipe = pretrain_recipe(o, english);
+  const pretrain_text text = read_pretrain_text(o);
+  const std::string recipe = pretrain_recipe(o, text.hash);
   const fs::path info_path = fs::path(o.out) / "pretrain.json";
   if (!o.force && fs::exists(info_path)) {
     try {
@@ -277,23 +312,21 @@ json ensure_base(const pretrain_options& o, bool quiet) {
       std::printf("cannot reuse the base in %s (%s); pretraining again\n", o.out.c_str(), e.what());
     }
   }
-  const std::size_t caps[3] = {0, o.val_bytes, 0};
-  const ex::corpus_splits text = ex::read_corpus(o.fortunes, english, caps);
   const lora::models::byte_tokenizer tok;
   const ex::token_list train_ids = tok.encode(text.train), val_ids = tok.encode(text.validation);
-  std::printf("pretraining the base: %s, %lld parameters, on %zu bytes of English fortunes (%zu records)\n",
+  std::printf("pretraining the base: %s, %lld parameters, on %zu bytes (%s)\n",
               ex::cat("GPT-2 L", o.config.n_layer, " H", o.config.n_head, " d", o.config.n_embd, " ctx",
                       o.config.n_positions, " vocab ", o.config.vocab_size)
                   .c_str(),
-              static_cast<long long>(o.config.num_parameters()), text.train.size(), text.records[0]);
+              static_cast<long long>(o.config.num_parameters()), text.train.size(), text.description.c_str());
   ex::lm model(ex::lm_weights::random(o.config, o.init_seed));
   model.set_base_training(gpt2_base_training::full);
   ex::train_setup t = o.train;
   t.quiet = quiet;
   const ex::train_outcome run = ex::train_lm(model, train_ids, t);
   const ex::eval_result val = ex::evaluate(model, lora::models::tokenizer(tok), val_ids);
-  std::printf("pretrained in %.0f s (%.0f tokens/s); validation %.4f bits/byte\n", run.seconds,
-              run.tokens_per_second(), val.bits_per_byte());
+  std::printf("pretrained in %.0f s (%.0f tokens/s); validation %.4f bits/byte\n", run.seconds, run.tokens_per_second(),
+              val.bits_per_byte());
   lora::models::save_gpt2(o.out, model.weights());
   json info = {{"recipe", recipe},
                {"config",
@@ -303,7 +336,11 @@ json ensure_base(const pretrain_options& o, bool quiet) {
                  {"n_positions", o.config.n_positions},
                  {"vocab_size", o.config.vocab_size}}},
                {"parameters", o.config.num_parameters()},
-               {"data", {{"corpus", english.description}, {"files", english.files}, {"train_bytes", text.train.size()}}},
+               {"data",
+                {{"corpus", text.description},
+                 {"files", text.files},
+                 {"train_bytes", text.train.size()},
+                 {"val_bytes", text.validation.size()}}},
                {"steps", t.steps},
                {"tokens", run.tokens},
                {"seconds", run.seconds},
@@ -418,6 +455,7 @@ const char* kFinetuneUsage =
     "  --checkpoint FILE    save a training checkpoint (parameters, AdamW state, data RNG) here\n"
     "  --checkpoint-every N ... every N steps, and at the end\n"
     "  --resume FILE        continue from a checkpoint written by the same run (same flags)\n"
+    "  --stop-after N       stop after step N (with --checkpoint: an interrupted run, to --resume)\n"
     "  --json               print the result as JSON\n"
     "training (defaults: 150 steps of 8 x 128 tokens, cosine after 10 warm-up steps, no weight decay):\n";
 
@@ -443,6 +481,7 @@ void parse_finetune(const std::vector<std::string>& args, finetune_options& o) {
   f.bind("--checkpoint", o.train.checkpoint);
   f.bind("--checkpoint-every", o.train.checkpoint_every, 1);
   f.bind("--resume", o.train.resume);
+  f.bind("--stop-after", o.train.stop_after, 1);
   f.bind("--json", o.json_out);
   bind_train_flags(f, o.train);
   f.parse(args);
@@ -469,8 +508,8 @@ int run_finetune(const std::vector<std::string>& args) {
   parse_finetune(args, o);
   ex::base_model base = ex::load_base_model(o.model_dir);
   if (o.train.context > base.weights.config().n_positions)
-    throw lora::config_error(ex::cat("--context ", o.train.context, " exceeds the model's n_positions ",
-                                     base.weights.config().n_positions));
+    throw lora::config_error(
+        ex::cat("--context ", o.train.context, " exceeds the model's n_positions ", base.weights.config().n_positions));
   const ex::token_list train_ids = read_token_files(o.train_files, base.tok);
   ex::token_list val_ids;
   if (!o.val_file.empty()) val_ids = base.tok.encode(ex::read_model_text(o.val_file, base.tok));
@@ -717,7 +756,8 @@ void parse_study(const std::vector<std::string>& args, study_options& o) {
   f.on("--shifts", ex::flag_table::setter([&](const std::string& v) {
          o.shifts = f.words("--shifts", v);
          for (const auto& s : o.shifts)
-           if (s != "mild" && s != "larger" && s != "extreme") f.fail("--shifts takes mild, larger, extreme; got '" + s + "'");
+           if (s != "mild" && s != "larger" && s != "extreme")
+             f.fail("--shifts takes mild, larger, extreme; got '" + s + "'");
        }));
   f.bind_list("--ranks", o.ranks, 1);
   f.on("--methods", ex::flag_table::setter([&](const std::string& v) { o.others = parse_methods(f, v); }));
@@ -763,9 +803,9 @@ shift_data load_shift(const study_options& o, const std::string& name, const lor
   std::printf("shift %s: %s; %zu files; train %zu bytes (%zu records), validation %zu bytes, test %zu bytes%s\n",
               name.c_str(), d.spec.description.c_str(), d.spec.files.size(), d.text.train.size(), d.text.records[0],
               d.text.validation.size(), d.text.test.size(),
-              d.text.bytes_before_cap[1] > o.eval_bytes ? ex::cat(" (validation and test capped at ", o.eval_bytes,
-                                                                   " bytes)").c_str()
-                                                        : "");
+              d.text.bytes_before_cap[1] > o.eval_bytes
+                  ? ex::cat(" (validation and test capped at ", o.eval_bytes, " bytes)").c_str()
+                  : "");
   return d;
 }
 
@@ -785,9 +825,9 @@ struct study_row {
   std::vector<std::pair<double, double>> selection;  ///< (lr, validation bits/byte), first seed
   std::vector<double> val, test;                     ///< per seed
   std::int64_t trainable_params = 0, train_state_bytes = 0;
-  double tokens_per_second = 0;  ///< of the fastest run
-  double seconds = 0;            ///< training seconds of the fastest run
-  std::uint64_t peak_rss = 0;    ///< the largest of the runs
+  double tokens_per_second = 0;                        ///< of the fastest run
+  double seconds = 0;                                  ///< training seconds of the fastest run
+  std::uint64_t peak_rss = 0;                          ///< the largest of the runs
   std::vector<std::pair<std::int64_t, double>> curve;  ///< first seed, chosen lr
   std::vector<json> checks;                            ///< LoRA: one per seed
 };
@@ -800,8 +840,8 @@ struct trained {
   std::uint64_t peak_rss = 0;
 };
 
-trained train_run(const ex::base_model& base, const method_spec& ms, double lr, std::uint64_t seed,
-                  const shift_data& d, const study_options& o, const std::string& label) {
+trained train_run(const ex::base_model& base, const method_spec& ms, double lr, std::uint64_t seed, const shift_data& d,
+                  const study_options& o, const std::string& label) {
   finetune_spec spec;
   spec.m = ms.m;
   spec.rank = ms.rank;
@@ -879,10 +919,9 @@ struct study_state {
 /// Samples from `model` for the shift's prompts: greedy and sampled (temperature 0.8, top-k 40, seed 1).
 void add_samples(study_state& st, const std::string& shift, const std::string& who, const ex::lm& model,
                  const lora::models::tokenizer& tok, const study_options& o, bool print) {
-  static const std::map<std::string, std::vector<std::string>> prompts = {
-      {"mild", {"Kirk: ", "Q: What do you get"}},
-      {"larger", {"El amor es ", "La vida "}},
-      {"extreme", {"Любовь — это ", "Жизнь "}}};
+  static const std::map<std::string, std::vector<std::string>> prompts = {{"mild", {"Kirk: ", "Q: What do you get"}},
+                                                                          {"larger", {"El amor es ", "La vida "}},
+                                                                          {"extreme", {"Любовь — это ", "Жизнь "}}};
   for (const auto& prompt : prompts.at(shift)) {
     for (const bool greedy : {true, false}) {
       ex::generate_options g;
@@ -918,9 +957,9 @@ study_row run_method(const ex::base_model& base, const method_spec& ms, const sh
   row.spec = ms;
   if (ms.m == method::none) {
     ex::reset_peak_rss();
-    const ex::lm& plain = *keep;  // the caller passes the base model here
-    row.val.assign(o.seeds.size(), ex::evaluate(plain, base.tok, d.val).bits_per_byte());
-    row.test.assign(o.seeds.size(), ex::evaluate(plain, base.tok, d.test).bits_per_byte());
+    const ex::lm& plain = *keep;                                              // the caller passes the base model here
+    row.val.assign(1, ex::evaluate(plain, base.tok, d.val).bits_per_byte());  // no seed: one value
+    row.test.assign(1, ex::evaluate(plain, base.tok, d.test).bits_per_byte());
     row.peak_rss = ex::peak_rss_bytes();
     return row;
   }
@@ -947,15 +986,16 @@ study_row run_method(const ex::base_model& base, const method_spec& ms, const sh
     }
   }
   for (std::size_t s = 0; s < o.seeds.size(); ++s) {
-    trained r = s == 0 ? std::move(chosen)
-                       : train_run(base, ms, row.lr, o.seeds[s], d, o,
-                                   ex::cat(shift, " ", ms.label(), " seed ", o.seeds[s]));
+    trained r =
+        s == 0 ? std::move(chosen)
+               : train_run(base, ms, row.lr, o.seeds[s], d, o, ex::cat(shift, " ", ms.label(), " seed ", o.seeds[s]));
     if (s > 0) note(r);
     row.val.push_back(r.val);
     row.test.push_back(ex::evaluate(*r.model, base.tok, d.test).bits_per_byte());
     if (s == 0) row.curve = r.outcome.curve;
     if (ms.m == method::lora) {
-      const std::string dir = (fs::path(o.out) / "adapters" / shift / ex::cat("lora_r", ms.rank, "_seed", o.seeds[s])).string();
+      const std::string dir =
+          (fs::path(o.out) / "adapters" / shift / ex::cat("lora_r", ms.rank, "_seed", o.seeds[s])).string();
       json c = check_adapter(r, base, d, dir);
       c["seed"] = o.seeds[s];
       st.checks_ok = st.checks_ok && c["ok"].get<bool>();
@@ -968,7 +1008,8 @@ study_row run_method(const ex::base_model& base, const method_spec& ms, const sh
 
 void print_row(const study_row& r) {
   std::string tried;
-  for (const auto& [lr, val] : r.selection) tried += ex::cat("  ", lr, lr == r.lr ? "*" : "", " ", std::round(val * 1e4) / 1e4);
+  for (const auto& [lr, val] : r.selection)
+    tried += ex::cat("  ", lr, lr == r.lr ? "*" : "", " ", std::round(val * 1e4) / 1e4);
   std::printf("  %-16s val %s  test %s bits/byte%s%s\n", r.spec.label().c_str(), pm(r.val).c_str(), pm(r.test).c_str(),
               r.spec.m == method::none ? "" : ex::cat("  (lr ", r.lr, ")").c_str(),
               tried.empty() ? "" : ("  val by lr:" + tried).c_str());
@@ -1019,8 +1060,8 @@ void print_table(const study_state& st, const study_options& o) {
   for (const auto& r : st.rows) {
     edge = edge || r.lr_at_edge;
     const std::string lr = r.spec.m == method::none ? "-" : ex::cat(r.lr, r.lr_at_edge ? "*" : "");
-    std::printf("%-8s %-16s %7s %9.4f %18s %10lld %11s %9.0f %9s\n", r.shift.c_str(), r.spec.label().c_str(), lr.c_str(),
-                mean_std(r.val).first, pm(r.test).c_str(), static_cast<long long>(r.trainable_params),
+    std::printf("%-8s %-16s %7s %9.4f %18s %10lld %11s %9.0f %9s\n", r.shift.c_str(), r.spec.label().c_str(),
+                lr.c_str(), mean_std(r.val).first, pm(r.test).c_str(), static_cast<long long>(r.trainable_params),
                 human_bytes(static_cast<double>(r.train_state_bytes)).c_str(), r.tokens_per_second,
                 human_bytes(static_cast<double>(r.peak_rss)).c_str());
   }
@@ -1089,7 +1130,7 @@ json study_json(const study_state& st, const study_options& o, const json& base_
                        {"curve", r.curve},
                        {"adapter_checks", r.checks}});
   }
-  return {{"config", cfg},  {"base", base_info},          {"shifts", st.shifts},  {"results", results},
+  return {{"config", cfg},         {"base", base_info},         {"shifts", st.shifts}, {"results", results},
           {"samples", st.samples}, {"checks_ok", st.checks_ok}, {"seconds", seconds}};
 }
 

@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
-# The main job, on a fresh Debian machine: installs what is missing (Fashion-MNIST included), builds the
-# flagship fine-tuning program in release mode and runs it: pretrains a base MLP once (cached under
-# .cache/), fine-tunes it on two shifted domains with LoRA, full and head-only fine-tuning, and prints a
-# table. Extra arguments go to the program (try --help).
+# The main job, on a fresh Debian machine: installs what is missing (the fortune packages included),
+# builds the flagship program in release mode and runs its default study: pretrains a small byte-level
+# GPT-2 on the English fortunes once (cached under .cache/gpt2_fortunes), fine-tunes it with LoRA
+# (ranks 4 and 16) and full fine-tuning on three shifts (held-out English categories, Spanish,
+# Russian), prints a table and samples, and renders the plots. About 10 minutes on 2 cores, the first
+# pretraining included.
+#
+#   scripts/demo.sh                     the default study; extra arguments go to `gpt2_finetune study`
+#                                       (try --help, or --full-study for every rank and 3 seeds)
+#   scripts/demo.sh fashion-mnist ...   the Fashion-MNIST study (MLP), arguments to fashion_mnist
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
 jobs=${LORA_JOBS:-$(nproc)}
+
+if [ "${1:-}" = "fashion-mnist" ]; then
+  shift
+  scripts/setup.sh
+  cmake --preset release >/dev/null
+  cmake --build --preset release -j "$jobs" --target fashion_mnist
+  exec build/release/examples/fashion_mnist --json build/release/fashion_mnist_results.json "$@"
+fi
+
+scripts/setup.sh fortunes fortunes-min fortunes-es fortunes-ru
 cmake --preset release >/dev/null
-cmake --build --preset release -j "$jobs" --target fashion_mnist
-exec build/release/examples/fashion_mnist --json build/release/fashion_mnist_results.json "$@"
+cmake --build --preset release -j "$jobs" --target gpt2_finetune
+results=build/release/gpt2_results.json
+build/release/examples/gpt2_finetune study --json "$results" "$@"
+if command -v gnuplot >/dev/null && command -v python3 >/dev/null; then
+  scripts/plot_gpt2.sh "$results" build/release/gpt2_plots
+fi

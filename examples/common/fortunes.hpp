@@ -59,7 +59,9 @@ struct corpus_splits {
   std::string train, validation, test;
   std::size_t records[3] = {0, 0, 0};
   std::size_t bytes_before_cap[3] = {0, 0, 0};
-  const std::string& text(split s) const { return s == split::train ? train : s == split::validation ? validation : test; }
+  const std::string& text(split s) const {
+    return s == split::train ? train : s == split::validation ? validation : test;
+  }
 };
 
 /// FNV-1a, 64 bits.
@@ -116,12 +118,12 @@ inline std::vector<fortune_record> read_fortune_file(const std::string& dir, con
 
 /// The English files of Debian's fortunes and fortunes-min packages (the offensive ones excluded).
 inline std::vector<std::string> english_fortune_files() {
-  return {"art",         "ascii-art", "computers", "cookie",      "debian",    "definitions", "disclaimer",
-          "drugs",       "education", "ethnic",    "food",        "fortunes",  "goedel",      "humorists",
-          "kids",        "knghtbrd",  "law",       "linux",       "linuxcookie", "literature", "love",
-          "magic",       "medicine",  "men-women", "miscellaneous", "news",    "paradoxum",   "people",
-          "perl",        "pets",      "platitudes", "politics",   "pratchett", "riddles",     "science",
-          "songs-poems", "sports",    "startrek",  "tao",         "translate-me", "wisdom",   "work",
+  return {"art",         "ascii-art", "computers",  "cookie",        "debian",       "definitions", "disclaimer",
+          "drugs",       "education", "ethnic",     "food",          "fortunes",     "goedel",      "humorists",
+          "kids",        "knghtbrd",  "law",        "linux",         "linuxcookie",  "literature",  "love",
+          "magic",       "medicine",  "men-women",  "miscellaneous", "news",         "paradoxum",   "people",
+          "perl",        "pets",      "platitudes", "politics",      "pratchett",    "riddles",     "science",
+          "songs-poems", "sports",    "startrek",   "tao",           "translate-me", "wisdom",      "work",
           "zippy"};
 }
 
@@ -157,9 +159,8 @@ inline corpus_spec fortune_corpus(const std::string& dir, const std::string& nam
     c.files = mild_shift_files();
     c.description = "English categories held out of pretraining: literature, riddles, startrek, zippy";
   } else if (name == "larger") {
-    c.files = list_fortune_dir(dir, "es", [](const std::string& f) {
-      return f.size() > 9 && f.compare(f.size() - 9, 9, ".fortunes") == 0;
-    });
+    c.files = list_fortune_dir(
+        dir, "es", [](const std::string& f) { return f.size() > 9 && f.compare(f.size() - 9, 9, ".fortunes") == 0; });
     c.description = "Spanish (fortunes-es, es/*.fortunes)";
   } else if (name == "extreme") {
     c.files = list_fortune_dir(dir, "ru", [](const std::string& f) {
@@ -184,7 +185,8 @@ inline corpus_spec fortune_corpus(const std::string& dir, const std::string& nam
 inline corpus_splits read_corpus(const std::string& dir, const corpus_spec& c, const std::size_t cap[3]) {
   std::vector<fortune_record> parts[3];
   for (const auto& file : c.files) {
-    for (auto& r : read_fortune_file(dir, file)) parts[static_cast<int>(split_of(r.file, r.index))].push_back(std::move(r));
+    for (auto& r : read_fortune_file(dir, file))
+      parts[static_cast<int>(split_of(r.file, r.index))].push_back(std::move(r));
   }
   corpus_splits out;
   std::string* texts[3] = {&out.train, &out.validation, &out.test};
@@ -194,7 +196,8 @@ inline corpus_splits read_corpus(const std::string& dir, const corpus_spec& c, c
     if (cap[s] > 0) {
       std::vector<std::size_t> order(records.size());
       for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-      std::sort(order.begin(), order.end(), [&](std::size_t x, std::size_t y) { return records[x].hash < records[y].hash; });
+      std::sort(order.begin(), order.end(),
+                [&](std::size_t x, std::size_t y) { return records[x].hash < records[y].hash; });
       std::vector<bool> keep(records.size(), false);
       std::size_t used = 0;
       for (const std::size_t i : order) {

@@ -74,7 +74,7 @@ inline lora::io::peft_adapter attach_adapter(lm& model, const std::string& adapt
     adapter = lora::io::peft_adapter::load(adapter_dir);
     lora::io::attach(adapter, model.named_layers(), "default");
   } catch (const lora::error& e) {
-    throw lora::format_error(cat("adapter '", adapter_dir, "' does not fit the model: ", e.what()));
+    throw lora::format_error(cat("cannot use the adapter in '", adapter_dir, "' with this model: ", e.what()));
   }
   return adapter;
 }
@@ -107,7 +107,7 @@ struct eval_result {
 
 /// [start, end) of every window of `n` tokens, as defined above.
 inline std::vector<std::pair<std::size_t, std::size_t>> eval_windows(std::size_t n, std::size_t width,
-                                                                    std::size_t max_windows = 0) {
+                                                                     std::size_t max_windows = 0) {
   std::vector<std::pair<std::size_t, std::size_t>> out;
   for (std::size_t s = 0; s + 2 <= n; s += width) {
     out.emplace_back(s, std::min(n, s + width));
@@ -127,7 +127,8 @@ inline eval_result evaluate(const lm& model, const lora::models::tokenizer& tok,
     const token_list window(ids.begin() + static_cast<std::ptrdiff_t>(s), ids.begin() + static_cast<std::ptrdiff_t>(e));
     r.nats += model.nll(window, cache);
     r.predicted += static_cast<std::int64_t>(window.size() - 1);
-    for (std::size_t i = 1; i < window.size(); ++i) r.bytes += static_cast<std::int64_t>(tok.token_bytes(window[i]).size());
+    for (std::size_t i = 1; i < window.size(); ++i)
+      r.bytes += static_cast<std::int64_t>(tok.token_bytes(window[i]).size());
   }
   return r;
 }
@@ -182,8 +183,7 @@ inline std::int32_t pick_token(const Eigen::Ref<const lora::vector<float>>& logi
 
 /// Continues `prompt` (at least one token) by up to o.length tokens. When the context is full, the
 /// cache restarts from the last half-context of tokens (a sliding window).
-inline token_list generate(const lm& model, const token_list& prompt, const generate_options& o,
-                           std::int32_t eot_id) {
+inline token_list generate(const lm& model, const token_list& prompt, const generate_options& o, std::int32_t eot_id) {
   const auto ctx = static_cast<std::size_t>(model.config().n_positions);
   token_list all = prompt;
   if (all.empty()) all.push_back(eot_id);  // an empty prompt starts from <|endoftext|>, as GPT-2 does
@@ -249,24 +249,25 @@ struct train_setup {
   std::int64_t accum = 1;     ///< micro-batches per optimizer step (gradient accumulation)
   double lr = 1e-3;           ///< peak learning rate (AdamW)
   schedule_kind schedule = schedule_kind::cosine;
-  std::int64_t warmup = 10;     ///< warm-up steps
-  double min_lr_ratio = 0.1;    ///< cosine floor, as a fraction of lr
-  double weight_decay = 0.0;    ///< AdamW's decoupled weight decay
-  double clip = 1.0;            ///< global gradient-norm clip (0: none)
-  std::uint64_t seed = 0;       ///< the data order (window starts)
+  std::int64_t warmup = 10;       ///< warm-up steps
+  double min_lr_ratio = 0.1;      ///< cosine floor, as a fraction of lr
+  double weight_decay = 0.0;      ///< AdamW's decoupled weight decay
+  double clip = 1.0;              ///< global gradient-norm clip (0: none)
+  std::uint64_t seed = 0;         ///< the data order (window starts)
   std::int64_t curve_every = 10;  ///< a point of the training curve every this many steps
   std::string label;
   bool quiet = false;
-  std::string checkpoint;         ///< save optimizer + parameters + data RNG here (empty: never)
+  std::string checkpoint;  ///< save optimizer + parameters + data RNG here (empty: never)
   std::int64_t checkpoint_every = 0;
-  std::string resume;             ///< continue from this checkpoint (empty: from scratch)
-  std::string run_key;            ///< must match the resumed checkpoint's
+  std::string resume;           ///< continue from this checkpoint (empty: from scratch)
+  std::string run_key;          ///< must match the resumed checkpoint's
+  std::int64_t stop_after = 0;  ///< > 0: stop after this step (an interrupted run; the schedule is unchanged)
 };
 
 /// What a run cost and how its loss went.
 struct train_outcome {
   std::vector<std::pair<std::int64_t, double>> curve;  ///< (step, mean training loss over the last steps)
-  std::int64_t tokens = 0;                              ///< tokens trained on (this process)
+  std::int64_t tokens = 0;                             ///< tokens trained on (this process)
   double seconds = 0;
   std::int64_t trainable_params = 0;
   std::int64_t train_state_bytes = 0;  ///< trainable values + their gradients + AdamW's two moments
@@ -302,8 +303,8 @@ inline lora::optim::lr_schedule make_schedule(const train_setup& s) {
 
 /// Restores a checkpoint into `opt` (parameters and optimizer state) and `gen`; config_error naming
 /// the file when it was written by another run.
-inline std::int64_t resume_from(const std::string& path, const std::string& run_key,
-                                lora::optim::optimizer<float>& opt, lora::rng& gen) {
+inline std::int64_t resume_from(const std::string& path, const std::string& run_key, lora::optim::optimizer<float>& opt,
+                                lora::rng& gen) {
   // load_checkpoint checks names, shapes and the optimizer kind before it writes anything; the run key
   // is checked after, and a mismatch ends the program with the model unused.
   const lora::io::checkpoint_info info = lora::io::load_checkpoint(path, opt);
@@ -346,12 +347,14 @@ inline train_outcome train_lm(lm& model, const token_list& data, const train_set
   model.train(true);
   model.zero_grad();
   progress_bar bar(s.quiet);
-  bar.begin(s.label, s.steps - out.start_step);
+  bar.begin(s.label,
+            std::max<std::int64_t>(0, (s.stop_after > 0 ? std::min(s.stop_after, s.steps) : s.steps) - out.start_step));
   token_list tokens, targets;
   double window_loss = 0;
   std::int64_t window_steps = 0;
   const auto start = std::chrono::steady_clock::now();
-  for (std::int64_t step = out.start_step; step < s.steps; ++step) {
+  const std::int64_t last = s.stop_after > 0 ? std::min(s.stop_after, s.steps) : s.steps;
+  for (std::int64_t step = out.start_step; step < last; ++step) {
     schedule.apply(opt);
     double loss = 0;
     for (std::int64_t k = 0; k < s.accum; ++k) {
@@ -364,7 +367,7 @@ inline train_outcome train_lm(lm& model, const token_list& data, const train_set
     out.tokens += s.accum * s.batch * s.context;
     bar.step(s.accum * s.batch * s.context, loss);
     window_loss += loss;
-    if (++window_steps == s.curve_every || step + 1 == s.steps) {
+    if (++window_steps == s.curve_every || step + 1 == last) {
       out.curve.emplace_back(step + 1, window_loss / static_cast<double>(window_steps));
       window_loss = 0;
       window_steps = 0;
@@ -373,7 +376,7 @@ inline train_outcome train_lm(lm& model, const token_list& data, const train_set
   }
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   bar.finish();
-  if (!s.checkpoint.empty()) save(s.steps);
+  if (!s.checkpoint.empty()) save(last);
   model.train(false);
   return out;
 }
