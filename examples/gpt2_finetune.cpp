@@ -420,7 +420,7 @@ struct finetune_options {
   finetune_spec spec;
   ex::train_setup train = [] {
     ex::train_setup t;
-    t.steps = 150;
+    t.steps = 100;
     t.batch = 8;
     t.context = 128;
     t.lr = 3e-3;
@@ -457,7 +457,7 @@ const char* kFinetuneUsage =
     "  --resume FILE        continue from a checkpoint written by the same run (same flags)\n"
     "  --stop-after N       stop after step N (with --checkpoint: an interrupted run, to --resume)\n"
     "  --json               print the result as JSON\n"
-    "training (defaults: 150 steps of 8 x 128 tokens, cosine after 10 warm-up steps, no weight decay):\n";
+    "training (defaults: 100 steps of 8 x 128 tokens, cosine after 10 warm-up steps, no weight decay):\n";
 
 void parse_finetune(const std::vector<std::string>& args, finetune_options& o) {
   ex::flag_table f("gpt2_finetune finetune", std::string(kFinetuneUsage) + kTrainFlagsHelp);
@@ -671,7 +671,7 @@ struct study_options {
   std::vector<double> lr_lora = {3e-3}, lr_full = {1e-3}, lr_head = {3e-3};
   ex::train_setup train = [] {
     ex::train_setup t;
-    t.steps = 120;
+    t.steps = 100;
     t.batch = 8;
     t.context = 128;
     t.warmup = 10;
@@ -721,7 +721,7 @@ const char* kStudyUsage =
     "  --pretrain-steps N   steps of pretraining (default 400)\n"
     "  --tiny               a tiny base (2 layers, n_embd 32, n_positions 64), for smoke tests\n"
     "  --json PATH          also write the results as JSON\n"
-    "fine-tuning (defaults: 120 steps of 8 x 128 tokens, cosine after 10 warm-up steps):\n";
+    "fine-tuning (defaults: 100 steps of 8 x 128 tokens, cosine after 10 warm-up steps):\n";
 
 std::vector<method> parse_methods(const ex::flag_table& f, const std::string& v) {
   std::vector<method> out;

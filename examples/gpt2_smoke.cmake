@@ -78,3 +78,10 @@ string(REPLACE "\"n_embd\": 32" "\"n_embd\": 64" cfg "${cfg}")
 file(WRITE "${WORK}/bad_config/config.json" "${cfg}")
 must_fail(bad_config "bad_config" eval --model "${WORK}/bad_config" --text "${VAL}")
 must_fail(no_text "no_such_file" eval --model "${WORK}/base" --text "${WORK}/no_such_file")
+# A tokenizer file that does not parse: a folder with vocab.json and merges.txt uses GPT-2's BPE.
+file(COPY "${WORK}/base/" DESTINATION "${WORK}/bad_tokenizer")
+file(WRITE "${WORK}/bad_tokenizer/vocab.json" "{\"a\": 0, \"b\": ")
+file(WRITE "${WORK}/bad_tokenizer/merges.txt" "#version: 0.2\na b\n")
+must_fail(bad_tokenizer "vocab.json" eval --model "${WORK}/bad_tokenizer" --text "${VAL}")
+# Bytes that are not UTF-8 are fine for the byte tokenizer.
+run(binary_text eval --model "${WORK}/base" --text "${WORK}/base/model.safetensors" --json)
