@@ -26,11 +26,12 @@
 //     of the base, and checks that the reloaded model evaluates exactly as the trained one and that
 //     merging changes the logits by at most 1e-4 (relative); the program exits 1 if any check fails.
 //
-// The eval definition (`gpt2_finetune eval`, docs/CONVENTIONS.md §eval): the text is tokenized whole (n tokens) and cut
-// into consecutive non-overlapping windows of n_positions tokens, a last partial window of at least 2 tokens included;
-// in each window of m tokens, tokens 1 .. m-1 are predicted from the window's earlier tokens (P = Σ (m − 1)
-// predictions). loss_nats_per_token x = mean of −ln p over the P predictions; bits_per_byte y = (P x / ln 2) / B, B =
-// the UTF-8 bytes of the P predicted tokens (B = P for the byte tokenizer).
+// The eval definition (`gpt2_finetune eval`, docs/CONVENTIONS.md §eval): the text is tokenized whole
+// (n tokens) and cut into consecutive non-overlapping windows of n_positions tokens, a last partial
+// window of at least 2 tokens included; in each window of m tokens, tokens 1 .. m-1 are predicted from
+// the window's earlier tokens (P = Σ (m − 1) predictions). loss_nats_per_token x = mean of −ln p over
+// the P predictions; bits_per_byte y = (P x / ln 2) / B, B = the UTF-8 bytes of the P predicted tokens
+// (B = P for the byte tokenizer).
 //
 // Verbs: pretrain, finetune, generate, eval, study (the default study, or --full-study). `--help` on
 // each. The study's --json (fields listed in study_json below) feeds scripts/plot_gpt2.sh.
@@ -39,6 +40,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <lora/io/atomic_file.hpp>
 #include <map>
@@ -344,6 +346,7 @@ json ensure_base(const pretrain_options& o, bool quiet) {
                {"steps", t.steps},
                {"tokens", run.tokens},
                {"seconds", run.seconds},
+               {"cpu_seconds", run.cpu_seconds},
                {"tokens_per_second", run.tokens_per_second()},
                {"val_bits_per_byte", val.bits_per_byte()},
                {"val_bytes", val.bytes},
@@ -971,6 +974,7 @@ study_row run_method(const ex::base_model& base, const method_spec& ms, const sh
     if (row.tokens_per_second < r.outcome.tokens_per_second()) {
       row.tokens_per_second = r.outcome.tokens_per_second();
       row.seconds = r.outcome.seconds;
+      row.cpu_seconds = r.outcome.cpu_seconds;
     }
     row.peak_rss = std::max(row.peak_rss, r.peak_rss);
   };
@@ -1091,8 +1095,8 @@ json series_json(const std::vector<double>& v) {
 ///    "results": [{"shift", "method", "rank", "lr", "lr_at_edge", "selection": [{"lr",
 ///      "val_bits_per_byte"}], "val_bits_per_byte": {"mean", "std" (null for one seed), "per_seed"},
 ///      "test_bits_per_byte": {...}, "trainable_params", "train_state_bytes", "tokens_per_second",
-///      "train_seconds", "peak_rss_bytes", "curve": [[step, training loss in nats/token], ...],
-///      "adapter_checks": [...]}],
+///      "train_seconds", "train_cpu_seconds", "peak_rss_bytes",
+///      "curve": [[step, training loss in nats/token], ...], "adapter_checks": [...]}],
 ///    "samples": [{"shift", "model", "prompt", "mode", "temperature", "top_k", "seed", "text"}],
 ///    "checks_ok", "seconds"}
 json study_json(const study_state& st, const study_options& o, const json& base_info, double seconds) {
@@ -1126,6 +1130,7 @@ json study_json(const study_state& st, const study_options& o, const json& base_
                        {"train_state_bytes", r.train_state_bytes},
                        {"tokens_per_second", r.tokens_per_second},
                        {"train_seconds", r.seconds},
+                       {"train_cpu_seconds", r.cpu_seconds},
                        {"peak_rss_bytes", r.peak_rss},
                        {"curve", r.curve},
                        {"adapter_checks", r.checks}});
@@ -1154,7 +1159,8 @@ int run_study(const std::vector<std::string>& args) {
   }
   std::printf("adapters saved under %s/adapters: reloaded and merged checks %s\n", o.out.c_str(),
               st.checks_ok ? "all passed" : "FAILED");
-  std::printf("total %s\n", ex::format_duration(seconds).c_str());
+  std::printf("total %s (%s of CPU time)\n", ex::format_duration(seconds).c_str(),
+              ex::format_duration(static_cast<double>(std::clock()) / CLOCKS_PER_SEC).c_str());
   return st.checks_ok ? 0 : 1;
 }
 

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <functional>
 #include <lora/io/checkpoint.hpp>
@@ -269,6 +270,7 @@ struct train_outcome {
   std::vector<std::pair<std::int64_t, double>> curve;  ///< (step, mean training loss over the last steps)
   std::int64_t tokens = 0;                             ///< tokens trained on (this process)
   double seconds = 0;
+  double cpu_seconds = 0;  ///< process CPU time (all threads) while training: steadier on a shared machine
   std::int64_t trainable_params = 0;
   std::int64_t train_state_bytes = 0;  ///< trainable values + their gradients + AdamW's two moments
   std::int64_t start_step = 0;         ///< > 0 when resumed
@@ -353,6 +355,7 @@ inline train_outcome train_lm(lm& model, const token_list& data, const train_set
   double window_loss = 0;
   std::int64_t window_steps = 0;
   const auto start = std::chrono::steady_clock::now();
+  const std::clock_t cpu_start = std::clock();
   const std::int64_t last = s.stop_after > 0 ? std::min(s.stop_after, s.steps) : s.steps;
   for (std::int64_t step = out.start_step; step < last; ++step) {
     schedule.apply(opt);
@@ -375,6 +378,7 @@ inline train_outcome train_lm(lm& model, const token_list& data, const train_set
     if (!s.checkpoint.empty() && s.checkpoint_every > 0 && (step + 1) % s.checkpoint_every == 0) save(step + 1);
   }
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  out.cpu_seconds = static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
   bar.finish();
   if (!s.checkpoint.empty()) save(last);
   model.train(false);
