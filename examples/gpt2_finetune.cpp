@@ -113,10 +113,10 @@ struct pretrain_options {
   }();
   ex::train_setup train = [] {
     ex::train_setup t;
-    t.steps = 400;
-    t.batch = 16;
+    t.steps = 1000;
+    t.batch = 8;
     t.context = 128;
-    t.lr = 3e-3;
+    t.lr = 2e-3;
     t.warmup = 40;
     t.weight_decay = 0.01;
     t.seed = 1;
@@ -216,12 +216,12 @@ const char* kPretrainUsage =
     "  --heads N            n_head (default 4)\n"
     "  --embd N             n_embd (default 128)\n"
     "  --positions N        n_positions, the context length (default 128)\n"
-    "  --lr X               peak learning rate (default 3e-3)\n"
+    "  --lr X               peak learning rate (default 2e-3)\n"
     "  --seed S             initialisation and data-order seed (default 1)\n"
     "  --val-bytes N        validation text evaluated at the end, in bytes (default 32768)\n"
     "  --text FILES         pretrain on these text files (comma-separated) instead of the fortunes\n"
     "  --val-text FILE      with --text: the validation text\n"
-    "training (defaults: 400 steps of 16 x 128 tokens, cosine after 40 warm-up steps, weight decay 0.01):\n";
+    "training (defaults: 1000 steps of 8 x 128 tokens, cosine after 40 warm-up steps, weight decay 0.01):\n";
 
 void parse_pretrain(const std::vector<std::string>& args, pretrain_options& o) {
   const std::string usage = std::string(kPretrainUsage) + kTrainFlagsHelp;
@@ -721,7 +721,7 @@ const char* kStudyUsage =
     "  --out DIR            splits, adapters, results (default .cache/gpt2_fortunes/study)\n"
     "  --cache DIR          where the base is cached (default .cache/gpt2_fortunes; the base is DIR/base)\n"
     "  --fortunes DIR       Debian's fortune files (default /usr/share/games/fortunes)\n"
-    "  --pretrain-steps N   steps of pretraining (default 400)\n"
+    "  --pretrain-steps N   steps of pretraining (default 1000)\n"
     "  --tiny               a tiny base (2 layers, n_embd 32, n_positions 64), for smoke tests\n"
     "  --json PATH          also write the results as JSON\n"
     "fine-tuning (defaults: 100 steps of 8 x 128 tokens, cosine after 10 warm-up steps):\n";
