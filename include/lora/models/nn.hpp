@@ -1,0 +1,199 @@
+// lora/models/nn.hpp: the transformer operations around the LoRA layers, each a forward/backward pair
+// written the llm.c way (docs/CONVENTIONS.md §gpt2). A batch holds one token per row: X is n x d,
+// column-major, with n = B T rows, sequence b occupying rows [b T, (b + 1) T).
+//
+// Backward functions overwrite the input gradient unless their comment says "+=": LayerNorm's adds
+// into dx (the residual stream's gradient already there) and every parameter gradient is accumulated.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../config.hpp"
+
+namespace lora::models {
+
+/// LayerNorm's saved statistics: per row mean μ and rstd = 1 / √(var + ε) (biased variance).
+template <typename Scalar>
+struct layer_norm_stats {
+  vector<Scalar> mean;  ///< n
+  vector<Scalar> rstd;  ///< n
+};
+
+/// y_ij = (x_ij − μ_i) rstd_i γ_j + β_j. x, y: n x d (y resized if needed; must not alias x); γ, β: d.
+template <typename Scalar, typename DX, typename DG, typename DB>
+void layer_norm_forward(const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DG>& gamma,
+                        const Eigen::MatrixBase<DB>& beta, double eps, matrix<Scalar>& y,
+                        layer_norm_stats<Scalar>& stats);
+
+/// With x̂ = (x − μ) rstd and g = dy ⊙ γ (row-broadcast):
+///   dγ_j += Σ_i dy_ij x̂_ij,  dβ_j += Σ_i dy_ij,
+///   dx_i += rstd_i (g_i − mean_j(g_ij) − x̂_i mean_j(g_ij x̂_ij)).
+/// dgamma / dbeta may be null (frozen LayerNorm). `scratch` (n x d) is resized as needed.
+template <typename Scalar, typename DY, typename DX, typename DG>
+void layer_norm_backward(const Eigen::MatrixBase<DY>& dy, const Eigen::MatrixBase<DX>& x,
+                         const Eigen::MatrixBase<DG>& gamma, const layer_norm_stats<Scalar>& stats, matrix<Scalar>& dx,
+                         Scalar* dgamma, Scalar* dbeta, matrix<Scalar>& scratch);
+
+/// Hugging Face's gelu_new, the tanh approximation: y = ½ x (1 + tanh(√(2/π) (x + 0.044715 x³))).
+/// Elementwise over `size` values; y may alias x.
+template <typename Scalar>
+void gelu_forward(const Scalar* x, Scalar* y, index size);
+/// dx = dy ⊙ gelu'(x), gelu'(x) = ½ (1 + t) + ½ x (1 − t²) √(2/π) (1 + 3 · 0.044715 x²), t = tanh(...).
+/// dx may alias dy.
+template <typename Scalar>
+void gelu_backward(const Scalar* x, const Scalar* dy, Scalar* dx, index size);
+
+/// Causal multi-head self-attention over B sequences of T tokens. qkv: n x 3d holding q | k | v (head h
+/// uses columns [h hd, (h + 1) hd) of each third, hd = d / H). For each sequence and head
+///   S = q kᵀ / √hd (T x T),  P = softmax_row(S with S_ij = −∞ for j > i),  out = P v,
+/// out written into columns [h hd, (h + 1) hd) of `out` (n x d, resized). `probs` keeps P per (b, h),
+/// row-major T x T each (B H T² values), for backward.
+template <typename Scalar>
+void attention_forward(const matrix<Scalar>& qkv, index batch, index seq, index heads, matrix<Scalar>& out,
+                       std::vector<Scalar>& probs);
+
+/// Backward of attention_forward: with dP = dout vᵀ, dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik),
+///   dq = dS k / √hd,  dk = dSᵀ q / √hd,  dv = Pᵀ dout,
+/// written into dqkv (n x 3d, resized). `scratch` holds two T x T matrices.
+template <typename Scalar>
+void attention_backward(const matrix<Scalar>& dout, const matrix<Scalar>& qkv, const std::vector<Scalar>& probs,
+                        index batch, index seq, index heads, matrix<Scalar>& dqkv, std::vector<Scalar>& scratch);
+
+/// In-place softmax of a column of `size` logits, returning log Σ exp (the log-partition), computed
+/// through the maximum so that no exponent overflows.
+template <typename Scalar>
+double softmax_in_place(Scalar* z, index size);
+
+// ------------------------------------------------------------------------------------------------
+
+namespace detail {
+
+template <typename Scalar>
+using row_major = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+}  // namespace detail
+
+template <typename Scalar, typename DX, typename DG, typename DB>
+void layer_norm_forward(const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DG>& gamma,
+                        const Eigen::MatrixBase<DB>& beta, double eps, matrix<Scalar>& y,
+                        layer_norm_stats<Scalar>& stats) {
+  const index n = x.rows(), d = x.cols();
+  y.resize(n, d);
+  stats.mean = x.rowwise().sum() / Scalar(d);
+  stats.rstd.setZero(n);
+  for (index j = 0; j < d; ++j) stats.rstd.array() += (x.col(j) - stats.mean).array().square();
+  stats.rstd = (stats.rstd.array() / Scalar(d) + static_cast<Scalar>(eps)).rsqrt();
+  for (index j = 0; j < d; ++j)
+    y.col(j) = ((x.col(j) - stats.mean).array() * stats.rstd.array() * gamma(j) + beta(j)).matrix();
+}
+
+template <typename Scalar, typename DY, typename DX, typename DG>
+void layer_norm_backward(const Eigen::MatrixBase<DY>& dy, const Eigen::MatrixBase<DX>& x,
+                         const Eigen::MatrixBase<DG>& gamma, const layer_norm_stats<Scalar>& stats, matrix<Scalar>& dx,
+                         Scalar* dgamma, Scalar* dbeta, matrix<Scalar>& scratch) {
+  const index n = x.rows(), d = x.cols();
+  scratch.resize(n, d);  // x̂
+  vector<Scalar> m1 = vector<Scalar>::Zero(n), m2 = vector<Scalar>::Zero(n);
+  for (index j = 0; j < d; ++j) {
+    auto xhat = scratch.col(j);
+    xhat = ((x.col(j) - stats.mean).array() * stats.rstd.array()).matrix();
+    if (dgamma != nullptr) dgamma[j] += dy.col(j).dot(xhat);
+    if (dbeta != nullptr) dbeta[j] += dy.col(j).sum();
+    m1.noalias() += gamma(j) * dy.col(j);
+    m2.array() += gamma(j) * dy.col(j).array() * xhat.array();
+  }
+  m1 /= Scalar(d);
+  m2 /= Scalar(d);
+  for (index j = 0; j < d; ++j)
+    dx.col(j).array() +=
+        stats.rstd.array() * (gamma(j) * dy.col(j).array() - m1.array() - scratch.col(j).array() * m2.array());
+}
+
+template <typename Scalar>
+void gelu_forward(const Scalar* x, Scalar* y, index size) {
+  const Scalar c = static_cast<Scalar>(0.7978845608028654), k = static_cast<Scalar>(0.044715);
+  for (index i = 0; i < size; ++i) {
+    const Scalar v = x[i];
+    y[i] = Scalar(0.5) * v * (Scalar(1) + std::tanh(c * (v + k * v * v * v)));
+  }
+}
+
+template <typename Scalar>
+void gelu_backward(const Scalar* x, const Scalar* dy, Scalar* dx, index size) {
+  const Scalar c = static_cast<Scalar>(0.7978845608028654), k = static_cast<Scalar>(0.044715);
+  for (index i = 0; i < size; ++i) {
+    const Scalar v = x[i];
+    const Scalar t = std::tanh(c * (v + k * v * v * v));
+    const Scalar grad =
+        Scalar(0.5) * (Scalar(1) + t) + Scalar(0.5) * v * (Scalar(1) - t * t) * c * (Scalar(1) + 3 * k * v * v);
+    dx[i] = dy[i] * grad;
+  }
+}
+
+template <typename Scalar>
+double softmax_in_place(Scalar* z, index size) {
+  Eigen::Map<vector<Scalar>> v(z, size);
+  const Scalar m = v.maxCoeff();
+  v.array() = (v.array() - m).exp();
+  const Scalar total = v.sum();
+  v /= total;
+  return static_cast<double>(m) + std::log(static_cast<double>(total));
+}
+
+template <typename Scalar>
+void attention_forward(const matrix<Scalar>& qkv, index batch, index seq, index heads, matrix<Scalar>& out,
+                       std::vector<Scalar>& probs) {
+  const index d = qkv.cols() / 3, hd = d / heads, T = seq;
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(hd));
+  out.resize(batch * T, d);
+  probs.resize(static_cast<std::size_t>(batch * heads * T * T));
+  for (index b = 0; b < batch; ++b) {
+    for (index h = 0; h < heads; ++h) {
+      const auto q = qkv.block(b * T, h * hd, T, hd);
+      const auto k = qkv.block(b * T, d + h * hd, T, hd);
+      const auto v = qkv.block(b * T, 2 * d + h * hd, T, hd);
+      Eigen::Map<detail::row_major<Scalar>> p(probs.data() + (b * heads + h) * T * T, T, T);
+      p.noalias() = (q * k.transpose()) * scale;
+      for (index i = 0; i < T; ++i) {
+        softmax_in_place(p.row(i).data(), i + 1);
+        p.row(i).tail(T - i - 1).setZero();
+      }
+      out.block(b * T, h * hd, T, hd).noalias() = p * v;
+    }
+  }
+}
+
+template <typename Scalar>
+void attention_backward(const matrix<Scalar>& dout, const matrix<Scalar>& qkv, const std::vector<Scalar>& probs,
+                        index batch, index seq, index heads, matrix<Scalar>& dqkv, std::vector<Scalar>& scratch) {
+  const index d = qkv.cols() / 3, hd = d / heads, T = seq;
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(hd));
+  dqkv.resize(batch * T, 3 * d);
+  scratch.resize(static_cast<std::size_t>(T * T));
+  Eigen::Map<detail::row_major<Scalar>> ds(scratch.data(), T, T);
+  for (index b = 0; b < batch; ++b) {
+    for (index h = 0; h < heads; ++h) {
+      const auto q = qkv.block(b * T, h * hd, T, hd);
+      const auto k = qkv.block(b * T, d + h * hd, T, hd);
+      const auto v = qkv.block(b * T, 2 * d + h * hd, T, hd);
+      const auto dy = dout.block(b * T, h * hd, T, hd);
+      Eigen::Map<const detail::row_major<Scalar>> p(probs.data() + (b * heads + h) * T * T, T, T);
+      dqkv.block(b * T, 2 * d + h * hd, T, hd).noalias() = p.transpose() * dy;
+      ds.noalias() = dy * v.transpose();  // dP
+      for (index i = 0; i < T; ++i) {
+        auto row = ds.row(i);
+        const Scalar dot = row.head(i + 1).dot(p.row(i).head(i + 1));
+        row.head(i + 1) = (p.row(i).head(i + 1).array() * (row.head(i + 1).array() - dot) * scale).matrix();
+        row.tail(T - i - 1).setZero();
+      }
+      dqkv.block(b * T, h * hd, T, hd).noalias() = ds * k;
+      dqkv.block(b * T, d + h * hd, T, hd).noalias() = ds.transpose() * q;
+    }
+  }
+}
+
+}  // namespace lora::models
