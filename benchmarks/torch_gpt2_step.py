@@ -15,7 +15,8 @@ model has none), so no dropout kernel runs.
 
 A step is zero_grad + forward + cross-entropy over all B*T positions + backward + AdamW.step. The script
 runs --warmup steps, times --steps more, and reports the median step time as tokens/s (B*T / median) and the
-process's peak RSS (getrusage ru_maxrss, which includes building the model).
+process's peak RSS (getrusage ru_maxrss, which includes building the model), with the machine's 1-minute
+load average before the first step (a figure taken on a busy machine is not a measurement).
 
 Usage: /usr/bin/python3 benchmarks/torch_gpt2_step.py [--threads 2] [--ctx 256] [--batch 4] [--steps 10]
            [--warmup 2] [--full] [--rank 8] [--gelu tanh|hf] [--json OUT]
@@ -200,6 +201,7 @@ def main(a):
         opt.step()
         return loss.item()
 
+    load_avg_start = os.getloadavg()[0]
     for _ in range(a.warmup):
         step()
     times = []
@@ -228,6 +230,7 @@ def main(a):
         "step_s_all": times,
         "tokens_per_s": tokens / med,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # ru_maxrss is KiB
+        "load_avg_start": load_avg_start,  # the machine's 1-minute load average before the first step
     }
     print(f"torch {res['mode']}: threads {a.threads}, ctx {a.ctx}, batch {a.batch}: "
           f"step {1e3 * med:.0f} ms (median of {a.steps}), {res['tokens_per_s']:.1f} tokens/s, "

@@ -192,6 +192,13 @@ def gpt2_report(doc, out):
                    f"{rss(ours)} | {rss(torch)} |")
     out.append("")
     out.append("Target (LoRA, n_ctx 256, batch 4, 2 threads): ours / PyTorch ≥ 1.5 and less peak memory.\n")
+    loads = [r["load_avg_start"] for r in runs if r.get("load_avg_start", -1) >= 0]
+    cpus = doc.get("cpus")
+    if loads:
+        busy = cpus is not None and max(loads) > cpus
+        out.append(f"1-minute load average before the first step: {min(loads):.1f} to {max(loads):.1f}"
+                   + (f" ({cpus} CPUs). **Above the CPU count: other work shared the machine; these figures are "
+                      "not measurements.**" if busy else ".") + "\n")
     for r in runs:
         parts = r.get("breakdown_ms")
         if r["contender"] != "ours" or not parts:
@@ -210,7 +217,7 @@ def merge_gpt2(out_path, inputs, note):
     """Collects the per-process JSON of scripts/bench_gpt2.sh into one gpt2_step.json."""
     runs = [load(p) for p in inputs]
     with open(out_path, "w") as f:
-        json.dump({"note": note, "runs": [r for r in runs if r]}, f, indent=2)
+        json.dump({"note": note, "cpus": os.cpu_count(), "runs": [r for r in runs if r]}, f, indent=2)
         f.write("\n")
 
 
