@@ -37,6 +37,11 @@
 #include <lora/linear.hpp>
 #include <lora/lora.hpp>
 #include <lora/merged_linear.hpp>
+#include <lora/models/gpt2.hpp>
+#include <lora/models/gpt2_config.hpp>
+#include <lora/models/gpt2_infer.hpp>
+#include <lora/models/gpt2_weights.hpp>
+#include <lora/models/nn.hpp>
 #include <lora/optim.hpp>
 #include <lora/optim/adam.hpp>
 #include <lora/optim/clip.hpp>
