@@ -37,6 +37,7 @@
 #include <lora/linear.hpp>
 #include <lora/lora.hpp>
 #include <lora/merged_linear.hpp>
+#include <lora/models/gpt2_io.hpp>
 #include <lora/optim.hpp>
 #include <lora/optim/adam.hpp>
 #include <lora/optim/clip.hpp>
