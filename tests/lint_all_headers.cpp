@@ -40,8 +40,10 @@
 #include <lora/models/gpt2.hpp>
 #include <lora/models/gpt2_config.hpp>
 #include <lora/models/gpt2_infer.hpp>
+#include <lora/models/gpt2_io.hpp>
 #include <lora/models/gpt2_weights.hpp>
 #include <lora/models/nn.hpp>
+#include <lora/models/parallel.hpp>
 #include <lora/optim.hpp>
 #include <lora/optim/adam.hpp>
 #include <lora/optim/clip.hpp>
