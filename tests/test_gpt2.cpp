@@ -264,6 +264,49 @@ TEST(Gpt2, AttentionAcrossCausalBlocksMatchesNaiveAndFiniteDifferences) {
   }
 }
 
+TEST(Gpt2, TwoThreadsGiveTheSameLossAndGradientsAsOne) {
+  // 40 sequences of 6 tokens: 240 rows, enough for LayerNorm, GELU and the head to split over threads.
+  batch_data b;
+  b.batch = 40;
+  b.seq = 6;
+  lora::rng gen(12);
+  for (index i = 0; i < b.batch * b.seq; ++i) {
+    b.in.push_back(static_cast<std::int32_t>(gen.below(11)));
+    b.target.push_back(static_cast<std::int32_t>(gen.below(11)));
+  }
+  const auto run = [&](int threads, std::vector<lora::vector<double>>& grads) {
+    lora::models::set_num_threads(threads);
+    gpt2<double> model(tiny_weights<double>());
+    model.set_base_training(gpt2_base_training::full);
+    const double loss = model.forward_backward(b.in, b.target, b.batch, b.seq);
+    for (const auto& p : model.parameters()) grads.emplace_back(p.grad());
+    return loss;
+  };
+  std::vector<lora::vector<double>> one, two;
+  const double l1 = run(1, one), l2 = run(2, two);
+  lora::models::set_num_threads(1);
+  EXPECT_NEAR(l1, l2, 1e-12);
+  ASSERT_EQ(one.size(), two.size());
+  for (std::size_t k = 0; k < one.size(); ++k)
+    EXPECT_LT((one[k] - two[k]).cwiseAbs().maxCoeff(), 1e-12 * (1 + one[k].cwiseAbs().maxCoeff())) << k;
+  // GELU splits from 64K values: both directions give the same bits on 1 and 2 threads.
+  std::vector<double> x(200000), dy(x.size()), y1(x.size()), y2(x.size()), dx1(x.size()), dx2(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    x[i] = 4 * gen.normal();
+    dy[i] = gen.normal();
+  }
+  const auto size = static_cast<index>(x.size());
+  lora::models::gelu_forward(x.data(), y1.data(), size);
+  lora::models::gelu_backward(x.data(), dy.data(), dx1.data(), size);
+  lora::models::set_num_threads(2);
+  lora::models::gelu_forward(x.data(), y2.data(), size);
+  lora::models::gelu_backward(x.data(), dy.data(), dx2.data(), size);
+  lora::models::set_num_threads(1);
+  EXPECT_EQ(y1, y2);
+  EXPECT_EQ(dx1, dx2);
+  EXPECT_THROW(lora::models::set_num_threads(0), lora::config_error);
+}
+
 TEST(Gpt2, ModulePathsAreGpt2LMHeadModelsAndTheParameterCountIsGpt2Smalls) {
   EXPECT_EQ(lora::models::gpt2_module_path(3, gpt2_module::attn_c_proj), "transformer.h.3.attn.c_proj");
   EXPECT_EQ(lora::models::gpt2_module_path(0, gpt2_module::mlp_c_proj), "transformer.h.0.mlp.c_proj");

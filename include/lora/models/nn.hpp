@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../config.hpp"
+#include "parallel.hpp"
 
 namespace lora::models {
 
@@ -75,6 +76,9 @@ namespace detail {
 template <typename Scalar>
 using row_major = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
+/// Rows per part, at least, when LayerNorm splits over threads.
+inline constexpr index rows_per_part = 64;
+
 /// Query rows per block of the causal attention: rows [i0, i0 + 64) only meet keys [0, i0 + 64).
 inline constexpr index attention_block = 64;
 
@@ -86,12 +90,20 @@ void layer_norm_forward(const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<
                         layer_norm_stats<Scalar>& stats) {
   const index n = x.rows(), d = x.cols();
   y.resize(n, d);
-  stats.mean = x.rowwise().sum() / Scalar(d);
-  stats.rstd.setZero(n);
-  for (index j = 0; j < d; ++j) stats.rstd.array() += (x.col(j) - stats.mean).array().square();
-  stats.rstd = (stats.rstd.array() / Scalar(d) + static_cast<Scalar>(eps)).rsqrt();
-  for (index j = 0; j < d; ++j)
-    y.col(j) = ((x.col(j) - stats.mean).array() * stats.rstd.array() * gamma(j) + beta(j)).matrix();
+  stats.mean.resize(n);
+  stats.rstd.resize(n);
+  detail::parallel_for(n, detail::rows_per_part, [&](index r0, index r1, index) {
+    const index m = r1 - r0;
+    const auto xs = x.middleRows(r0, m);
+    auto mean = stats.mean.segment(r0, m);
+    auto rstd = stats.rstd.segment(r0, m);
+    mean = xs.rowwise().sum() / Scalar(d);
+    rstd.setZero();
+    for (index j = 0; j < d; ++j) rstd.array() += (xs.col(j) - mean).array().square();
+    rstd = (rstd.array() / Scalar(d) + static_cast<Scalar>(eps)).rsqrt().matrix();
+    for (index j = 0; j < d; ++j)
+      y.col(j).segment(r0, m) = ((xs.col(j) - mean).array() * rstd.array() * gamma(j) + beta(j)).matrix();
+  });
 }
 
 template <typename Scalar, typename DY, typename DX, typename DG>
@@ -100,20 +112,30 @@ void layer_norm_backward(const Eigen::MatrixBase<DY>& dy, const Eigen::MatrixBas
                          Scalar* dgamma, Scalar* dbeta, matrix<Scalar>& scratch) {
   const index n = x.rows(), d = x.cols();
   scratch.resize(n, d);  // x̂
-  vector<Scalar> m1 = vector<Scalar>::Zero(n), m2 = vector<Scalar>::Zero(n);
-  for (index j = 0; j < d; ++j) {
-    auto xhat = scratch.col(j);
-    xhat = ((x.col(j) - stats.mean).array() * stats.rstd.array()).matrix();
-    if (dgamma != nullptr) dgamma[j] += dy.col(j).dot(xhat);
-    if (dbeta != nullptr) dbeta[j] += dy.col(j).sum();
-    m1.noalias() += gamma(j) * dy.col(j);
-    m2.array() += gamma(j) * dy.col(j).array() * xhat.array();
-  }
-  m1 /= Scalar(d);
-  m2 /= Scalar(d);
-  for (index j = 0; j < d; ++j)
-    dx.col(j).array() +=
-        stats.rstd.array() * (gamma(j) * dy.col(j).array() - m1.array() - scratch.col(j).array() * m2.array());
+  const index parts = std::max<index>(1, std::min<index>(num_threads(), n / detail::rows_per_part));
+  matrix<Scalar> partial = matrix<Scalar>::Zero(2 * d, parts);  // per part: dγ then dβ
+  detail::parallel_for(n, detail::rows_per_part, [&](index r0, index r1, index part) {
+    const index m = r1 - r0;
+    const auto rstd = stats.rstd.segment(r0, m);
+    vector<Scalar> m1 = vector<Scalar>::Zero(m), m2 = vector<Scalar>::Zero(m);
+    for (index j = 0; j < d; ++j) {
+      const auto g = dy.col(j).segment(r0, m);
+      auto xhat = scratch.col(j).segment(r0, m);
+      xhat = ((x.col(j).segment(r0, m) - stats.mean.segment(r0, m)).array() * rstd.array()).matrix();
+      partial(j, part) += g.dot(xhat);
+      partial(d + j, part) += g.sum();
+      m1.noalias() += gamma(j) * g;
+      m2.array() += gamma(j) * g.array() * xhat.array();
+    }
+    m1 /= Scalar(d);
+    m2 /= Scalar(d);
+    for (index j = 0; j < d; ++j)
+      dx.col(j).segment(r0, m).array() += rstd.array() * (gamma(j) * dy.col(j).segment(r0, m).array() - m1.array() -
+                                                          scratch.col(j).segment(r0, m).array() * m2.array());
+  });
+  const vector<Scalar> total = partial.rowwise().sum();
+  if (dgamma != nullptr) Eigen::Map<vector<Scalar>>(dgamma, d) += total.head(d);
+  if (dbeta != nullptr) Eigen::Map<vector<Scalar>>(dbeta, d) += total.tail(d);
 }
 
 template <typename Scalar>
@@ -121,11 +143,13 @@ void gelu_forward(const Scalar* x, Scalar* y, index size) {
   using array = Eigen::Array<Scalar, Eigen::Dynamic, 1>;
   const Scalar c = static_cast<Scalar>(0.7978845608028654), k = static_cast<Scalar>(0.044715);
   constexpr index block = 4096;  // Eigen's vectorised tanh over cache-sized blocks; y may alias x
-  for (index i0 = 0; i0 < size; i0 += block) {
-    const index m = std::min(block, size - i0);
-    Eigen::Map<const array> v(x + i0, m);
-    Eigen::Map<array>(y + i0, m) = Scalar(0.5) * v * (Scalar(1) + (c * (v + k * v.cube())).tanh());
-  }
+  detail::parallel_for(size, 16 * block, [&](index begin, index end, index) {
+    for (index i0 = begin; i0 < end; i0 += block) {
+      const index m = std::min(block, end - i0);
+      Eigen::Map<const array> v(x + i0, m);
+      Eigen::Map<array>(y + i0, m) = Scalar(0.5) * v * (Scalar(1) + (c * (v + k * v.cube())).tanh());
+    }
+  });
 }
 
 template <typename Scalar>
@@ -133,15 +157,18 @@ void gelu_backward(const Scalar* x, const Scalar* dy, Scalar* dx, index size) {
   using array = Eigen::Array<Scalar, Eigen::Dynamic, 1>;
   const Scalar c = static_cast<Scalar>(0.7978845608028654), k = static_cast<Scalar>(0.044715);
   constexpr index block = 4096;
-  Eigen::Array<Scalar, block, 1> t;
-  for (index i0 = 0; i0 < size; i0 += block) {
-    const index m = std::min(block, size - i0);
-    Eigen::Map<const array> v(x + i0, m), g(dy + i0, m);
-    auto th = t.head(m);
-    th = (c * (v + k * v.cube())).tanh();
-    Eigen::Map<array>(dx + i0, m) = g * (Scalar(0.5) * (Scalar(1) + th) + Scalar(0.5) * v * (Scalar(1) - th.square()) *
-                                                                              c * (Scalar(1) + 3 * k * v.square()));
-  }
+  detail::parallel_for(size, 16 * block, [&](index begin, index end, index) {
+    Eigen::Array<Scalar, block, 1> t;
+    for (index i0 = begin; i0 < end; i0 += block) {
+      const index m = std::min(block, end - i0);
+      Eigen::Map<const array> v(x + i0, m), g(dy + i0, m);
+      auto th = t.head(m);
+      th = (c * (v + k * v.cube())).tanh();
+      Eigen::Map<array>(dx + i0, m) =
+          g * (Scalar(0.5) * (Scalar(1) + th) +
+               Scalar(0.5) * v * (Scalar(1) - th.square()) * c * (Scalar(1) + 3 * k * v.square()));
+    }
+  });
 }
 
 template <typename Scalar>
