@@ -45,7 +45,7 @@ struct bpe_cache {
 
 }  // namespace detail
 
-/// GPT-2's byte-level BPE. Copies share their (immutable) tables' cache; encode is thread-safe.
+/// GPT-2's byte-level BPE. Copies share one cache of encoded pieces (behind a mutex): encode is thread-safe.
 class bpe_tokenizer {
  public:
   /// `dir`/vocab.json and `dir`/merges.txt.

@@ -24,7 +24,8 @@ namespace lora::models {
 /// A byte_tokenizer or a bpe_tokenizer behind one interface.
 class tokenizer {
  public:
-  tokenizer(byte_tokenizer t) : m_impl(t) {}            // NOLINT(google-explicit-constructor): a tokenizer is either
+  // Implicit on purpose: a byte_tokenizer or a bpe_tokenizer is a tokenizer.
+  tokenizer(byte_tokenizer t) : m_impl(t) {}            // NOLINT(google-explicit-constructor)
   tokenizer(bpe_tokenizer t) : m_impl(std::move(t)) {}  // NOLINT(google-explicit-constructor)
 
   /// The tokenizer of the model in `dir` whose embedding has `model_vocab_size` rows:
