@@ -5,7 +5,8 @@ pre-tokenisation regex needs them (\\p{L}, \\p{N}, \\s).
 
 The tables come from this Python's unicodedata (its Unicode version is written into the header);
 White_Space is not exposed by unicodedata, so it is the fixed list of PropList.txt (unchanged since
-Unicode 6.3). Run from the repository root:  python3 scripts/gen_unicode_tables.py
+Unicode 6.3). Run from the repository root with the newest Python at hand (the committed tables come
+from Python 3.13, Unicode 15.1; an older Python writes older tables):  python3 scripts/gen_unicode_tables.py
 """
 import sys
 import unicodedata
