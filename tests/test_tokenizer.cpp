@@ -127,6 +127,37 @@ TEST(Gpt2Pretokenize, WhiteSpaceIsTheUnicodeProperty) {
   EXPECT_EQ(split("a\xe3\x80\x80\xe3\x80\x80"), (pieces{"a", "\xe3\x80\x80\xe3\x80\x80"}));  // U+3000
 }
 
+template <std::size_t N>
+void expect_table_edges(const models::detail::code_point_range (&table)[N]) {
+  for (std::size_t i = 0; i < N; ++i) {
+    EXPECT_LE(table[i].lo, table[i].hi);
+    if (i > 0) {
+      EXPECT_GT(table[i].lo, table[i - 1].hi + 1) << "ranges must be sorted, disjoint and maximal";
+    }
+    EXPECT_TRUE(models::detail::in_table(table, table[i].lo));
+    EXPECT_TRUE(models::detail::in_table(table, table[i].hi));
+    EXPECT_FALSE(models::detail::in_table(table, table[i].hi + 1)) << std::hex << table[i].hi + 1;
+    EXPECT_FALSE(models::detail::in_table(table, table[i].lo - 1)) << std::hex << table[i].lo - 1;
+  }
+}
+
+TEST(Gpt2Pretokenize, UnicodeTables) {
+  expect_table_edges(models::detail::letter_ranges);
+  expect_table_edges(models::detail::number_ranges);
+  expect_table_edges(models::detail::white_space_ranges);
+  using models::detail::char_class;
+  using models::detail::classify;
+  EXPECT_EQ(classify(U'\u0416'), char_class::letter);      // Ж
+  EXPECT_EQ(classify(U'\u65E5'), char_class::letter);      // 日
+  EXPECT_EQ(classify(U'\U00020000'), char_class::letter);  // CJK Extension B
+  EXPECT_EQ(classify(U'\u0663'), char_class::number);      // Arabic-Indic three
+  EXPECT_EQ(classify(U'\u00BD'), char_class::number);      // ½
+  EXPECT_EQ(classify(U'\u2028'), char_class::space);
+  EXPECT_EQ(classify(U'\u0301'), char_class::other);      // a combining mark
+  EXPECT_EQ(classify(U'\U0001F44B'), char_class::other);  // 👋
+  EXPECT_EQ(classify(0x10FFFF), char_class::other);
+}
+
 TEST(Gpt2Pretokenize, IllFormedUtf8BytesAreOtherSymbols) {
   EXPECT_EQ(split("a\xff\xfe"
                   "b"),
