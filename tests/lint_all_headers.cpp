@@ -37,6 +37,11 @@
 #include <lora/linear.hpp>
 #include <lora/lora.hpp>
 #include <lora/merged_linear.hpp>
+#include <lora/models/bpe_tokenizer.hpp>
+#include <lora/models/byte_tokenizer.hpp>
+#include <lora/models/detail/bpe_files.hpp>
+#include <lora/models/detail/gpt2_pretokenize.hpp>
+#include <lora/models/detail/unicode_tables.hpp>
 #include <lora/models/gpt2.hpp>
 #include <lora/models/gpt2_config.hpp>
 #include <lora/models/gpt2_infer.hpp>
@@ -44,6 +49,7 @@
 #include <lora/models/gpt2_weights.hpp>
 #include <lora/models/nn.hpp>
 #include <lora/models/parallel.hpp>
+#include <lora/models/tokenizer.hpp>
 #include <lora/optim.hpp>
 #include <lora/optim/adam.hpp>
 #include <lora/optim/clip.hpp>
