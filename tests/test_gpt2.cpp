@@ -220,6 +220,93 @@ TEST(Gpt2, BadInputIsRefusedWithClearErrors) {
   EXPECT_THROW(gpt2_config({2, 3, 8, 6, 11, 1e-5}).validate(), lora::config_error);  // 8 % 3 != 0
 }
 
+/// L = Σ out ⊙ R for attention over qkv (naive: one head, one sequence at a time, full T x T scores).
+double naive_attention_loss(const lora::matrix<double>& qkv, const lora::matrix<double>& r, index batch, index seq,
+                            index heads) {
+  const index d = qkv.cols() / 3, hd = d / heads;
+  double loss = 0;
+  for (index b = 0; b < batch; ++b)
+    for (index h = 0; h < heads; ++h) {
+      const lora::matrix<double> q = qkv.block(b * seq, h * hd, seq, hd), k = qkv.block(b * seq, d + h * hd, seq, hd),
+                                 v = qkv.block(b * seq, 2 * d + h * hd, seq, hd);
+      lora::matrix<double> s = q * k.transpose() / std::sqrt(double(hd));
+      for (index i = 0; i < seq; ++i) {
+        const double m = s.row(i).head(i + 1).maxCoeff();
+        double z = 0;
+        for (index j = 0; j <= i; ++j) z += std::exp(s(i, j) - m);
+        for (index j = 0; j < seq; ++j) s(i, j) = j <= i ? std::exp(s(i, j) - m) / z : 0.0;
+      }
+      loss += ((s * v).array() * r.block(b * seq, h * hd, seq, hd).array()).sum();
+    }
+  return loss;
+}
+
+TEST(Gpt2, AttentionAcrossCausalBlocksMatchesNaiveAndFiniteDifferences) {
+  const index batch = 2, seq = 150, heads = 2, d = 8;  // 150 rows: three blocks of 64, the last partial
+  lora::rng gen(4);
+  lora::matrix<double> qkv(batch * seq, 3 * d), r(batch * seq, d);
+  for (index i = 0; i < qkv.size(); ++i) qkv.data()[i] = gen.normal();
+  for (index i = 0; i < r.size(); ++i) r.data()[i] = gen.normal();
+  lora::matrix<double> out, dqkv;
+  std::vector<double> probs, scratch;
+  lora::models::attention_forward(qkv, batch, seq, heads, out, probs);
+  EXPECT_NEAR((out.array() * r.array()).sum(), naive_attention_loss(qkv, r, batch, seq, heads), 1e-9);
+  lora::models::attention_backward(r, qkv, probs, batch, seq, heads, dqkv, scratch);
+  const double h = 1e-6;
+  for (index i = 0; i < qkv.size(); i += 97) {
+    const double saved = qkv.data()[i];
+    qkv.data()[i] = saved + h;
+    const double up = naive_attention_loss(qkv, r, batch, seq, heads);
+    qkv.data()[i] = saved - h;
+    const double down = naive_attention_loss(qkv, r, batch, seq, heads);
+    qkv.data()[i] = saved;
+    EXPECT_NEAR(dqkv.data()[i], (up - down) / (2 * h), 1e-6) << "qkv element " << i;
+  }
+}
+
+TEST(Gpt2, TwoThreadsGiveTheSameLossAndGradientsAsOne) {
+  // 40 sequences of 6 tokens: 240 rows, enough for LayerNorm, GELU and the head to split over threads.
+  batch_data b;
+  b.batch = 40;
+  b.seq = 6;
+  lora::rng gen(12);
+  for (index i = 0; i < b.batch * b.seq; ++i) {
+    b.in.push_back(static_cast<std::int32_t>(gen.below(11)));
+    b.target.push_back(static_cast<std::int32_t>(gen.below(11)));
+  }
+  const auto run = [&](int threads, std::vector<lora::vector<double>>& grads) {
+    lora::models::set_num_threads(threads);
+    gpt2<double> model(tiny_weights<double>());
+    model.set_base_training(gpt2_base_training::full);
+    const double loss = model.forward_backward(b.in, b.target, b.batch, b.seq);
+    for (const auto& p : model.parameters()) grads.emplace_back(p.grad());
+    return loss;
+  };
+  std::vector<lora::vector<double>> one, two;
+  const double l1 = run(1, one), l2 = run(2, two);
+  lora::models::set_num_threads(1);
+  EXPECT_NEAR(l1, l2, 1e-12);
+  ASSERT_EQ(one.size(), two.size());
+  for (std::size_t k = 0; k < one.size(); ++k)
+    EXPECT_LT((one[k] - two[k]).cwiseAbs().maxCoeff(), 1e-12 * (1 + one[k].cwiseAbs().maxCoeff())) << k;
+  // GELU splits from 64K values: both directions give the same bits on 1 and 2 threads.
+  std::vector<double> x(200000), dy(x.size()), y1(x.size()), y2(x.size()), dx1(x.size()), dx2(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    x[i] = 4 * gen.normal();
+    dy[i] = gen.normal();
+  }
+  const auto size = static_cast<index>(x.size());
+  lora::models::gelu_forward(x.data(), y1.data(), size);
+  lora::models::gelu_backward(x.data(), dy.data(), dx1.data(), size);
+  lora::models::set_num_threads(2);
+  lora::models::gelu_forward(x.data(), y2.data(), size);
+  lora::models::gelu_backward(x.data(), dy.data(), dx2.data(), size);
+  lora::models::set_num_threads(1);
+  EXPECT_EQ(y1, y2);
+  EXPECT_EQ(dx1, dx2);
+  EXPECT_THROW(lora::models::set_num_threads(0), lora::config_error);
+}
+
 TEST(Gpt2, ModulePathsAreGpt2LMHeadModelsAndTheParameterCountIsGpt2Smalls) {
   EXPECT_EQ(lora::models::gpt2_module_path(3, gpt2_module::attn_c_proj), "transformer.h.3.attn.c_proj");
   EXPECT_EQ(lora::models::gpt2_module_path(0, gpt2_module::mlp_c_proj), "transformer.h.0.mlp.c_proj");

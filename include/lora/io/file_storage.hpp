@@ -1,8 +1,9 @@
-// lora/io/file_storage.hpp: the read-only bytes of a tensor file, memory-mapped (POSIX mmap) or, where
-// mapping fails or is not wanted, reached through bounded pread() calls. Taking one tensor from a
-// multi-GB mapped file touches only that tensor's pages. A file truncated or rewritten in place by
-// another process while it is mapped can raise SIGBUS: that is the one hazard of mmap no reader can
-// rule out; this library's writers never rewrite in place (io/atomic_file.hpp).
+// lora/io/file_storage.hpp: the bytes of a tensor file, memory-mapped (POSIX mmap: read-only, or
+// private copy-on-write) or, where mapping fails or is not wanted, reached through bounded pread()
+// calls. Taking one tensor from a multi-GB mapped file touches only that tensor's pages. A file
+// truncated or rewritten in place by another process while it is mapped can raise SIGBUS, and a
+// private mapping shows such a rewrite in the pages it has not copied yet: that is the one hazard of
+// mmap no reader can rule out; this library's writers never rewrite in place (io/atomic_file.hpp).
 //
 // POSIX only (Linux, macOS).
 #pragma once
@@ -31,6 +32,13 @@ namespace lora::io {
 enum class read_mode {
   map,    ///< Memory-map the file; fall back to pread when mmap fails. The default.
   pread,  ///< Never map; read each tensor with bounded pread() calls when asked for it.
+  /// Memory-map the file privately with write permission (MAP_PRIVATE, PROT_READ | PROT_WRITE); fall
+  /// back to pread when mmap fails. The bytes read as with `map`, but a caller that owns the mapping
+  /// (it keeps the safetensors_file, or a tensor_bytes, alive) may write through the pointers of
+  /// safetensors_file::raw: the kernel copies each page on its first write, so the file never
+  /// changes and untouched pages cost no memory. Weights borrowed this way can be trained or merged
+  /// in place (models/gpt2_io.hpp).
+  map_copy_on_write,
 };
 
 namespace detail {
@@ -57,8 +65,9 @@ class file_storage {
 
  private:
   file_storage() = default;
-  /// Maps the whole file and closes the descriptor; leaves it unmapped (pread) when mmap fails.
-  void try_map() noexcept;
+  /// Maps the whole file (PROT_READ, or PROT_READ | PROT_WRITE when `writable`; always MAP_PRIVATE)
+  /// and closes the descriptor; leaves it unmapped (pread) when mmap fails.
+  void try_map(bool writable) noexcept;
 
   std::vector<unsigned char> m_bytes;
   const unsigned char* m_data = nullptr;
@@ -88,14 +97,15 @@ inline std::shared_ptr<const file_storage> file_storage::open(const std::string&
   }
   if (!S_ISREG(st.st_mode)) throw io_error(cat("safetensors file '", path, "' is not a regular file"));
   storage->m_size = static_cast<std::uint64_t>(st.st_size);
-  if (mode == read_mode::map) storage->try_map();
+  if (mode != read_mode::pread) storage->try_map(mode == read_mode::map_copy_on_write);
   return storage;
 }
 
-inline void file_storage::try_map() noexcept {
+inline void file_storage::try_map(bool writable) noexcept {
   if (m_size < 8 || m_size > static_cast<std::uint64_t>(std::numeric_limits<std::size_t>::max())) return;
   const std::size_t length = static_cast<std::size_t>(m_size);
-  void* map = ::mmap(nullptr, length, PROT_READ, MAP_PRIVATE, m_fd, 0);
+  const int protection = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+  void* map = ::mmap(nullptr, length, protection, MAP_PRIVATE, m_fd, 0);
   if (map == MAP_FAILED) return;
   m_map = map;
   m_map_size = length;

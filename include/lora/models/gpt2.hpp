@@ -42,6 +42,7 @@
 #include "gpt2_config.hpp"
 #include "gpt2_weights.hpp"
 #include "nn.hpp"
+#include "parallel.hpp"
 
 namespace lora::models {
 
@@ -558,18 +559,22 @@ double gpt2<Scalar>::head_forward_backward(const token_list& targets, double los
     const index rows = std::min(chunk, n - r0);
     m_logits.resize(v, rows);                                          // logitsᵀ: one column per token
     m_logits.noalias() = wte * m_hf.middleRows(r0, rows).transpose();  // V x rows
-    for (index j = 0; j < rows; ++j) {
-      const std::int32_t target = targets[static_cast<std::size_t>(r0 + j)];
-      auto col = m_logits.col(j);
-      if (target < 0) {
-        col.setZero();
-        continue;
+    std::vector<double> part_loss(static_cast<std::size_t>(num_threads()), 0.0);
+    detail::parallel_for(rows, 8, [&](index j0, index j1, index part) {
+      for (index j = j0; j < j1; ++j) {
+        const std::int32_t target = targets[static_cast<std::size_t>(r0 + j)];
+        auto col = m_logits.col(j);
+        if (target < 0) {
+          col.setZero();
+          continue;
+        }
+        const Scalar z = col(target);
+        part_loss[static_cast<std::size_t>(part)] += softmax_in_place(col.data(), v) - static_cast<double>(z);
+        col(target) -= Scalar(1);
+        col *= g;  // d(loss_scale · mean loss) / d logits
       }
-      const Scalar z = col(target);
-      total += softmax_in_place(col.data(), v) - static_cast<double>(z);
-      col(target) -= Scalar(1);
-      col *= g;  // d(loss_scale · mean loss) / d logits
-    }
+    });
+    for (const double l : part_loss) total += l;
     dhf.middleRows(r0, rows).noalias() = m_logits.transpose() * wte;
     if (dwte != nullptr)
       Eigen::Map<typename weights_type::row_matrix>(dwte, v, config().n_embd).noalias() +=

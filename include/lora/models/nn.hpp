@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../config.hpp"
+#include "parallel.hpp"
 
 namespace lora::models {
 
@@ -51,14 +52,14 @@ void gelu_backward(const Scalar* x, const Scalar* dy, Scalar* dx, index size);
 /// uses columns [h hd, (h + 1) hd) of each third, hd = d / H). For each sequence and head
 ///   S = q kᵀ / √hd (T x T),  P = softmax_row(S with S_ij = −∞ for j > i),  out = P v,
 /// out written into columns [h hd, (h + 1) hd) of `out` (n x d, resized). `probs` keeps P per (b, h),
-/// row-major T x T each (B H T² values), for backward.
+/// row-major T x T each (B H T² values; only the causal part j ≤ i is written), for backward.
 template <typename Scalar>
 void attention_forward(const matrix<Scalar>& qkv, index batch, index seq, index heads, matrix<Scalar>& out,
                        std::vector<Scalar>& probs);
 
 /// Backward of attention_forward: with dP = dout vᵀ, dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik),
 ///   dq = dS k / √hd,  dk = dSᵀ q / √hd,  dv = Pᵀ dout,
-/// written into dqkv (n x 3d, resized). `scratch` holds two T x T matrices.
+/// written into dqkv (n x 3d, resized). `scratch` holds one block of dS (64 x T).
 template <typename Scalar>
 void attention_backward(const matrix<Scalar>& dout, const matrix<Scalar>& qkv, const std::vector<Scalar>& probs,
                         index batch, index seq, index heads, matrix<Scalar>& dqkv, std::vector<Scalar>& scratch);
@@ -75,6 +76,12 @@ namespace detail {
 template <typename Scalar>
 using row_major = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
+/// Rows per part, at least, when LayerNorm splits over threads.
+inline constexpr index rows_per_part = 64;
+
+/// Query rows per block of the causal attention: rows [i0, i0 + 64) only meet keys [0, i0 + 64).
+inline constexpr index attention_block = 64;
+
 }  // namespace detail
 
 template <typename Scalar, typename DX, typename DG, typename DB>
@@ -83,12 +90,20 @@ void layer_norm_forward(const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<
                         layer_norm_stats<Scalar>& stats) {
   const index n = x.rows(), d = x.cols();
   y.resize(n, d);
-  stats.mean = x.rowwise().sum() / Scalar(d);
-  stats.rstd.setZero(n);
-  for (index j = 0; j < d; ++j) stats.rstd.array() += (x.col(j) - stats.mean).array().square();
-  stats.rstd = (stats.rstd.array() / Scalar(d) + static_cast<Scalar>(eps)).rsqrt();
-  for (index j = 0; j < d; ++j)
-    y.col(j) = ((x.col(j) - stats.mean).array() * stats.rstd.array() * gamma(j) + beta(j)).matrix();
+  stats.mean.resize(n);
+  stats.rstd.resize(n);
+  detail::parallel_for(n, detail::rows_per_part, [&](index r0, index r1, index) {
+    const index m = r1 - r0;
+    const auto xs = x.middleRows(r0, m);
+    auto mean = stats.mean.segment(r0, m);
+    auto rstd = stats.rstd.segment(r0, m);
+    mean = xs.rowwise().sum() / Scalar(d);
+    rstd.setZero();
+    for (index j = 0; j < d; ++j) rstd.array() += (xs.col(j) - mean).array().square();
+    rstd = (rstd.array() / Scalar(d) + static_cast<Scalar>(eps)).rsqrt().matrix();
+    for (index j = 0; j < d; ++j)
+      y.col(j).segment(r0, m) = ((xs.col(j) - mean).array() * rstd.array() * gamma(j) + beta(j)).matrix();
+  });
 }
 
 template <typename Scalar, typename DY, typename DX, typename DG>
@@ -97,20 +112,30 @@ void layer_norm_backward(const Eigen::MatrixBase<DY>& dy, const Eigen::MatrixBas
                          Scalar* dgamma, Scalar* dbeta, matrix<Scalar>& scratch) {
   const index n = x.rows(), d = x.cols();
   scratch.resize(n, d);  // x̂
-  vector<Scalar> m1 = vector<Scalar>::Zero(n), m2 = vector<Scalar>::Zero(n);
-  for (index j = 0; j < d; ++j) {
-    auto xhat = scratch.col(j);
-    xhat = ((x.col(j) - stats.mean).array() * stats.rstd.array()).matrix();
-    if (dgamma != nullptr) dgamma[j] += dy.col(j).dot(xhat);
-    if (dbeta != nullptr) dbeta[j] += dy.col(j).sum();
-    m1.noalias() += gamma(j) * dy.col(j);
-    m2.array() += gamma(j) * dy.col(j).array() * xhat.array();
-  }
-  m1 /= Scalar(d);
-  m2 /= Scalar(d);
-  for (index j = 0; j < d; ++j)
-    dx.col(j).array() +=
-        stats.rstd.array() * (gamma(j) * dy.col(j).array() - m1.array() - scratch.col(j).array() * m2.array());
+  const index parts = std::max<index>(1, std::min<index>(num_threads(), n / detail::rows_per_part));
+  matrix<Scalar> partial = matrix<Scalar>::Zero(2 * d, parts);  // per part: dγ then dβ
+  detail::parallel_for(n, detail::rows_per_part, [&](index r0, index r1, index part) {
+    const index m = r1 - r0;
+    const auto rstd = stats.rstd.segment(r0, m);
+    vector<Scalar> m1 = vector<Scalar>::Zero(m), m2 = vector<Scalar>::Zero(m);
+    for (index j = 0; j < d; ++j) {
+      const auto g = dy.col(j).segment(r0, m);
+      auto xhat = scratch.col(j).segment(r0, m);
+      xhat = ((x.col(j).segment(r0, m) - stats.mean.segment(r0, m)).array() * rstd.array()).matrix();
+      partial(j, part) += g.dot(xhat);
+      partial(d + j, part) += g.sum();
+      m1.noalias() += gamma(j) * g;
+      m2.array() += gamma(j) * g.array() * xhat.array();
+    }
+    m1 /= Scalar(d);
+    m2 /= Scalar(d);
+    for (index j = 0; j < d; ++j)
+      dx.col(j).segment(r0, m).array() += rstd.array() * (gamma(j) * dy.col(j).segment(r0, m).array() - m1.array() -
+                                                          scratch.col(j).segment(r0, m).array() * m2.array());
+  });
+  const vector<Scalar> total = partial.rowwise().sum();
+  if (dgamma != nullptr) Eigen::Map<vector<Scalar>>(dgamma, d) += total.head(d);
+  if (dbeta != nullptr) Eigen::Map<vector<Scalar>>(dbeta, d) += total.tail(d);
 }
 
 template <typename Scalar>
@@ -118,11 +143,13 @@ void gelu_forward(const Scalar* x, Scalar* y, index size) {
   using array = Eigen::Array<Scalar, Eigen::Dynamic, 1>;
   const Scalar c = static_cast<Scalar>(0.7978845608028654), k = static_cast<Scalar>(0.044715);
   constexpr index block = 4096;  // Eigen's vectorised tanh over cache-sized blocks; y may alias x
-  for (index i0 = 0; i0 < size; i0 += block) {
-    const index m = std::min(block, size - i0);
-    Eigen::Map<const array> v(x + i0, m);
-    Eigen::Map<array>(y + i0, m) = Scalar(0.5) * v * (Scalar(1) + (c * (v + k * v.cube())).tanh());
-  }
+  detail::parallel_for(size, 16 * block, [&](index begin, index end, index) {
+    for (index i0 = begin; i0 < end; i0 += block) {
+      const index m = std::min(block, end - i0);
+      Eigen::Map<const array> v(x + i0, m);
+      Eigen::Map<array>(y + i0, m) = Scalar(0.5) * v * (Scalar(1) + (c * (v + k * v.cube())).tanh());
+    }
+  });
 }
 
 template <typename Scalar>
@@ -130,15 +157,18 @@ void gelu_backward(const Scalar* x, const Scalar* dy, Scalar* dx, index size) {
   using array = Eigen::Array<Scalar, Eigen::Dynamic, 1>;
   const Scalar c = static_cast<Scalar>(0.7978845608028654), k = static_cast<Scalar>(0.044715);
   constexpr index block = 4096;
-  Eigen::Array<Scalar, block, 1> t;
-  for (index i0 = 0; i0 < size; i0 += block) {
-    const index m = std::min(block, size - i0);
-    Eigen::Map<const array> v(x + i0, m), g(dy + i0, m);
-    auto th = t.head(m);
-    th = (c * (v + k * v.cube())).tanh();
-    Eigen::Map<array>(dx + i0, m) = g * (Scalar(0.5) * (Scalar(1) + th) + Scalar(0.5) * v * (Scalar(1) - th.square()) *
-                                                                              c * (Scalar(1) + 3 * k * v.square()));
-  }
+  detail::parallel_for(size, 16 * block, [&](index begin, index end, index) {
+    Eigen::Array<Scalar, block, 1> t;
+    for (index i0 = begin; i0 < end; i0 += block) {
+      const index m = std::min(block, end - i0);
+      Eigen::Map<const array> v(x + i0, m), g(dy + i0, m);
+      auto th = t.head(m);
+      th = (c * (v + k * v.cube())).tanh();
+      Eigen::Map<array>(dx + i0, m) =
+          g * (Scalar(0.5) * (Scalar(1) + th) +
+               Scalar(0.5) * v * (Scalar(1) - th.square()) * c * (Scalar(1) + 3 * k * v.square()));
+    }
+  });
 }
 
 template <typename Scalar>
@@ -164,12 +194,17 @@ void attention_forward(const matrix<Scalar>& qkv, index batch, index seq, index 
       const auto k = qkv.block(b * T, d + h * hd, T, hd);
       const auto v = qkv.block(b * T, 2 * d + h * hd, T, hd);
       Eigen::Map<detail::row_major<Scalar>> p(probs.data() + (b * heads + h) * T * T, T, T);
-      p.noalias() = (q * k.transpose()) * scale;
-      for (index i = 0; i < T; ++i) {
-        softmax_in_place(p.row(i).data(), i + 1);
-        p.row(i).tail(T - i - 1).setZero();
+      // Rows [i0, i1) see columns [0, i1): only the causal part of S and P is ever formed.
+      for (index i0 = 0; i0 < T; i0 += detail::attention_block) {
+        const index i1 = std::min(T, i0 + detail::attention_block), rows = i1 - i0;
+        auto pb = p.block(i0, 0, rows, i1);
+        pb.noalias() = (q.middleRows(i0, rows) * k.topRows(i1).transpose()) * scale;
+        for (index i = i0; i < i1; ++i) {
+          softmax_in_place(p.row(i).data(), i + 1);
+          p.row(i).segment(i + 1, i1 - i - 1).setZero();
+        }
+        out.block(b * T + i0, h * hd, rows, hd).noalias() = pb * v.topRows(i1);
       }
-      out.block(b * T, h * hd, T, hd).noalias() = p * v;
     }
   }
 }
@@ -179,26 +214,34 @@ void attention_backward(const matrix<Scalar>& dout, const matrix<Scalar>& qkv, c
                         index batch, index seq, index heads, matrix<Scalar>& dqkv, std::vector<Scalar>& scratch) {
   const index d = qkv.cols() / 3, hd = d / heads, T = seq;
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(hd));
-  dqkv.resize(batch * T, 3 * d);
-  scratch.resize(static_cast<std::size_t>(T * T));
-  Eigen::Map<detail::row_major<Scalar>> ds(scratch.data(), T, T);
+  dqkv.setZero(batch * T, 3 * d);
+  scratch.resize(static_cast<std::size_t>(detail::attention_block * T));
   for (index b = 0; b < batch; ++b) {
     for (index h = 0; h < heads; ++h) {
       const auto q = qkv.block(b * T, h * hd, T, hd);
       const auto k = qkv.block(b * T, d + h * hd, T, hd);
       const auto v = qkv.block(b * T, 2 * d + h * hd, T, hd);
-      const auto dy = dout.block(b * T, h * hd, T, hd);
+      auto dq = dqkv.block(b * T, h * hd, T, hd);
+      auto dk = dqkv.block(b * T, d + h * hd, T, hd);
+      auto dv = dqkv.block(b * T, 2 * d + h * hd, T, hd);
       Eigen::Map<const detail::row_major<Scalar>> p(probs.data() + (b * heads + h) * T * T, T, T);
-      dqkv.block(b * T, 2 * d + h * hd, T, hd).noalias() = p.transpose() * dy;
-      ds.noalias() = dy * v.transpose();  // dP
-      for (index i = 0; i < T; ++i) {
-        auto row = ds.row(i);
-        const Scalar dot = row.head(i + 1).dot(p.row(i).head(i + 1));
-        row.head(i + 1) = (p.row(i).head(i + 1).array() * (row.head(i + 1).array() - dot) * scale).matrix();
-        row.tail(T - i - 1).setZero();
+      for (index i0 = 0; i0 < T; i0 += detail::attention_block) {
+        const index i1 = std::min(T, i0 + detail::attention_block), rows = i1 - i0;
+        const auto dy = dout.block(b * T + i0, h * hd, rows, hd);
+        const auto pb = p.block(i0, 0, rows, i1);
+        Eigen::Map<detail::row_major<Scalar>> ds(scratch.data(), rows, i1);
+        dv.topRows(i1).noalias() += pb.transpose() * dy;
+        ds.noalias() = dy * v.topRows(i1).transpose();  // dP
+        for (index i = 0; i < rows; ++i) {
+          const index seen = i0 + i + 1;
+          auto row = ds.row(i).head(seen);
+          const Scalar dot = row.dot(p.row(i0 + i).head(seen));
+          row = (p.row(i0 + i).head(seen).array() * (row.array() - dot) * scale).matrix();
+          ds.row(i).tail(i1 - seen).setZero();
+        }
+        dq.middleRows(i0, rows).noalias() = ds * k.topRows(i1);
+        dk.topRows(i1).noalias() += ds.transpose() * q.middleRows(i0, rows);
       }
-      dqkv.block(b * T, h * hd, T, hd).noalias() = ds * k;
-      dqkv.block(b * T, d + h * hd, T, hd).noalias() = ds.transpose() * q;
     }
   }
 }
