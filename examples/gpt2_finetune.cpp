@@ -830,6 +830,7 @@ struct study_row {
   std::int64_t trainable_params = 0, train_state_bytes = 0;
   double tokens_per_second = 0;                        ///< of the fastest run
   double seconds = 0;                                  ///< training seconds of the fastest run
+  double cpu_seconds = 0;                              ///< its process CPU time
   std::uint64_t peak_rss = 0;                          ///< the largest of the runs
   std::vector<std::pair<std::int64_t, double>> curve;  ///< first seed, chosen lr
   std::vector<json> checks;                            ///< LoRA: one per seed
