@@ -671,7 +671,7 @@ struct study_options {
   std::vector<lora::index> ranks = {4, 16};
   std::vector<method> others = {method::full, method::none};
   std::vector<std::uint64_t> seeds = {0};
-  std::vector<double> lr_lora = {3e-3}, lr_full = {1e-3}, lr_head = {3e-3};
+  std::vector<double> lr_lora = {1e-2}, lr_full = {2e-3}, lr_head = {3e-3};
   ex::train_setup train = [] {
     ex::train_setup t;
     t.steps = 100;
@@ -702,9 +702,9 @@ const char* kStudyUsage =
     "(exit 1 if a check fails). Writes the splits to OUT/data/SHIFT/{train,val,test}.txt, so that\n"
     "`gpt2_finetune eval --text` reproduces the figures.\n"
     "\n"
-    "default study: ranks 4,16, full, none; one seed; fixed learning rates (LoRA 3e-3, full 1e-3)\n"
+    "default study: ranks 4,16, full, none; one seed; fixed learning rates (LoRA 1e-2, full 2e-3)\n"
     "--full-study:  ranks 1,2,4,8,16,32,64, full, norms_and_head, none; seeds 0,1,2; learning rates\n"
-    "               chosen from LoRA {1e-3,3e-3,1e-2}, full {3e-4,1e-3,3e-3}, norms_and_head\n"
+    "               chosen from LoRA {3e-3,1e-2,3e-2}, full {3e-4,1e-3,3e-3}, norms_and_head\n"
     "               {1e-3,3e-3,1e-2}\n"
     "\n"
     "options (after --full-study, which sets defaults, they override):\n"
@@ -742,7 +742,7 @@ void parse_study(const std::vector<std::string>& args, study_options& o) {
     o.ranks = {1, 2, 4, 8, 16, 32, 64};
     o.others = {method::full, method::norms_and_head, method::none};
     o.seeds = {0, 1, 2};
-    o.lr_lora = {1e-3, 3e-3, 1e-2};
+    o.lr_lora = {3e-3, 1e-2, 3e-2};
     o.lr_full = {3e-4, 1e-3, 3e-3};
     o.lr_head = {1e-3, 3e-3, 1e-2};
   }
