@@ -922,7 +922,7 @@ struct study_state {
 
 /// Samples from `model` for the shift's prompts: greedy and sampled (temperature 0.8, top-k 40, seed 1).
 void add_samples(study_state& st, const std::string& shift, const std::string& who, const ex::lm& model,
-                 const lora::models::tokenizer& tok, const study_options& o, bool print) {
+                 const lora::models::tokenizer& tok, const study_options& o) {
   static const std::map<std::string, std::vector<std::string>> prompts = {{"mild", {"Kirk: ", "Q: What do you get"}},
                                                                           {"larger", {"El amor es ", "La vida "}},
                                                                           {"extreme", {"Любовь — это ", "Жизнь "}}};
@@ -942,26 +942,20 @@ void add_samples(study_state& st, const std::string& shift, const std::string& w
                             {"top_k", g.top_k},
                             {"seed", g.seed},
                             {"text", text}});
-      if (print) {
-        std::string shown = prompt + text;
-        for (auto& c : shown)
-          if (c == '\n') c = '|';
-        std::printf("    %-14s %-7s %s\n", who.c_str(), greedy ? "greedy" : "sampled", shown.c_str());
-      }
     }
   }
 }
 
-/// Trains one method on one shift: the rate chosen on the first seed, then every further seed; keeps
-/// the first seed's model (for samples) in `keep`.
+/// Trains one method on one shift: the rate chosen on the first seed, then every further seed; samples
+/// the first seed's model. `plain` is the base model (method none). Each model is dropped after its
+/// run, so a run's peak RSS is its own (plus the base and the data).
 study_row run_method(const ex::base_model& base, const method_spec& ms, const shift_data& d, const std::string& shift,
-                     const study_options& o, study_state& st, std::unique_ptr<ex::lm>& keep) {
+                     const study_options& o, study_state& st, const ex::lm& plain) {
   study_row row;
   row.shift = shift;
   row.spec = ms;
   if (ms.m == method::none) {
     ex::reset_peak_rss();
-    const ex::lm& plain = *keep;                                              // the caller passes the base model here
     row.val.assign(1, ex::evaluate(plain, base.tok, d.val).bits_per_byte());  // no seed: one value
     row.test.assign(1, ex::evaluate(plain, base.tok, d.test).bits_per_byte());
     row.peak_rss = ex::peak_rss_bytes();
@@ -1006,7 +1000,7 @@ study_row run_method(const ex::base_model& base, const method_spec& ms, const sh
       st.checks_ok = st.checks_ok && c["ok"].get<bool>();
       row.checks.push_back(std::move(c));
     }
-    if (s == 0) keep = std::move(r.model);
+    if (s == 0) add_samples(st, shift, ms.label(), *r.model, base.tok, o);
   }
   return row;
 }
@@ -1034,27 +1028,28 @@ void run_shift(const ex::base_model& base, const std::string& name, const study_
   std::vector<method_spec> specs;
   for (lora::index r : o.ranks) specs.push_back({method::lora, r});
   for (method m : o.others) specs.push_back({m, 0});
-  std::map<std::string, std::unique_ptr<ex::lm>> models;
   auto plain = std::make_unique<ex::lm>(ex::clone_weights(base.weights));
   plain->train(false);
+  add_samples(st, name, "base", *plain, base.tok, o);
   std::string best_lora;
   double best_val = 1e300;
   for (const auto& ms : specs) {
-    std::unique_ptr<ex::lm> keep;
-    if (ms.m == method::none) keep = std::make_unique<ex::lm>(ex::clone_weights(base.weights));
-    study_row row = run_method(base, ms, d, name, o, st, keep);
+    study_row row = run_method(base, ms, d, name, o, st, *plain);
     print_row(row);
     if (ms.m == method::lora && mean_std(row.val).first < best_val) {
       best_val = mean_std(row.val).first;
       best_lora = ms.label();
     }
-    if (ms.m != method::none) models[ms.label()] = std::move(keep);
     st.rows.push_back(std::move(row));
   }
   std::printf("  samples (greedy; sampled at temperature 0.8, top-k 40, seed 1; '|' is a newline):\n");
-  add_samples(st, name, "base", *plain, base.tok, o, true);
-  for (const auto& [label, model] : models)
-    add_samples(st, name, label, *model, base.tok, o, label == best_lora || label == "full");
+  for (const auto& sample : st.samples) {
+    const std::string who = sample["model"].get<std::string>();
+    if (sample["shift"] != name || (who != "base" && who != best_lora && who != "full")) continue;
+    std::string shown = sample["prompt"].get<std::string>() + sample["text"].get<std::string>();
+    std::replace(shown.begin(), shown.end(), '\n', '|');
+    std::printf("    %-14s %-7s %s\n", who.c_str(), sample["mode"].get<std::string>().c_str(), shown.c_str());
+  }
   std::printf("\n");
 }
 
