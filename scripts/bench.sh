@@ -13,6 +13,7 @@
 # Usage: scripts/bench.sh [--quick] [--step-only]
 #   --quick      d = 1024 shapes of the training-step grid only (15 of 22), for a smoke test
 #   --step-only  skip the inference, memory and layer benchmarks
+#   BENCH_SHAPES  a regular expression over the step grid's names (overrides --quick), BENCH_THREADS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=0 step_only=0
@@ -33,6 +34,7 @@ out=benchmarks/results
 mkdir -p "$out"
 shapes=.
 [ "$quick" = 1 ] && shapes='in:1024/'
+shapes=${BENCH_SHAPES:-$shapes}  # e.g. BENCH_SHAPES='in:1024/out:1024/n:512/' for a quick subset
 run() {  # run OUT BINARY ARGS...: JSON to $out/OUT.json, console to stderr
   local name=$1 bin=$2
   shift 2
