@@ -590,7 +590,7 @@ const char* kEvalUsage =
     "  --model DIR    Hugging Face GPT-2 folder\n"
     "  --adapter DIR  PEFT LoRA adapter folder to apply\n"
     "  --merge        merge the adapter into the weights first\n"
-    "  --text FILE    the text (any bytes for the byte tokenizer; UTF-8 for BPE)\n"
+    "  --text FILE    the text (any bytes: both tokenizers are byte-level)\n"
     "  --json         JSON on stdout instead of a sentence\n";
 
 int run_eval(const std::vector<std::string>& args) {

@@ -80,17 +80,12 @@ inline lora::io::peft_adapter attach_adapter(lm& model, const std::string& adapt
   return adapter;
 }
 
-/// Reads a text file to be tokenized; with a tokenizer other than the byte tokenizer the text must be
-/// well-formed UTF-8 (format_error naming the file, line and column otherwise).
+/// Reads a text file to be tokenized. Any bytes will do: the byte tokenizer takes them as they are, and
+/// GPT-2's BPE is byte-level too, so bytes that are not UTF-8 still encode (each becomes a piece of its
+/// own, docs/CONVENTIONS.md §tokenizers). `tok` is unused and kept for the call sites' symmetry.
 inline std::string read_model_text(const std::string& path, const lora::models::tokenizer& tok) {
-  std::string text = read_text_file(path);
-  if (tok.is_bpe()) {
-    const std::size_t bad = first_invalid_utf8(text);
-    if (bad != std::string::npos)
-      throw lora::format_error(cat("text file '", path, "' is not valid UTF-8 at ", text_position(text, bad),
-                                   ": the BPE tokenizer needs UTF-8 text (the byte tokenizer takes any bytes)"));
-  }
-  return text;
+  (void)tok;
+  return read_text_file(path);
 }
 
 // ---------------------------------------------------------------------------------------------------
