@@ -39,6 +39,7 @@ run(lora ${ft} --val "${VAL}" --out "${WORK}/lora" --json)
 run(half ${ft} --out "${WORK}/half" --checkpoint "${WORK}/ck.bin" --stop-after 6)
 run(resumed ${ft} --out "${WORK}/resumed" --resume "${WORK}/ck.bin")
 run(eval_lora eval --model "${WORK}/base" --adapter "${WORK}/lora" --text "${VAL}" --json)
+file(WRITE "${WORK}/eval_lora.json" "${eval_lora_out}")  # for example.gpt2_finetune.eval_vs_pytorch
 run(eval_resumed eval --model "${WORK}/base" --adapter "${WORK}/resumed" --text "${VAL}" --json)
 if(NOT eval_lora_out MATCHES "^{\"tokens\":[0-9]+,\"predicted\":[0-9]+,\"loss_nats_per_token\":[0-9.e+-]+,\"bits_per_byte\":[0-9.e+-]+}")
   message(FATAL_ERROR "eval --json printed: ${eval_lora_out}")

