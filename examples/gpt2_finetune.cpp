@@ -655,7 +655,7 @@ int run_generate(const std::vector<std::string>& args) {
   f.parse(args);
   if (mo.model_dir.empty()) f.fail("--model DIR is required");
   const opened_model m = open_model(mo);
-  const ex::token_list ids = ex::generate(*m.model, m.base.tok.encode(prompt), g, m.base.tok.eot_id());
+  const ex::token_list ids = ex::generate(*m.model, m.base.tok.encode(prompt), g, m.base.tok);
   std::printf("%s%s\n", prompt.c_str(), ex::printable(m.base.tok.decode(ids)).c_str());
   return 0;
 }
@@ -933,7 +933,7 @@ void add_samples(study_state& st, const std::string& shift, const std::string& w
       g.temperature = greedy ? 0.0 : 0.8;
       g.top_k = greedy ? 0 : 40;
       g.seed = 1;
-      const std::string text = ex::printable(tok.decode(ex::generate(model, tok.encode(prompt), g, tok.eot_id())));
+      const std::string text = ex::printable(tok.decode(ex::generate(model, tok.encode(prompt), g, tok)));
       st.samples.push_back({{"shift", shift},
                             {"model", who},
                             {"prompt", prompt},

@@ -307,6 +307,32 @@ TEST(Gpt2, TwoThreadsGiveTheSameLossAndGradientsAsOne) {
   EXPECT_THROW(lora::models::set_num_threads(0), lora::config_error);
 }
 
+TEST(Gpt2, WeightsCopyDeepAndAssignInPlaceSoViewsStayValid) {
+  const auto original = tiny_weights<double>();
+  gpt2_weights<double> copy = original;  // deep: its own arena
+  copy.wte()(0, 0) += 1.0;
+  EXPECT_NE(copy.wte()(0, 0), original.wte()(0, 0));
+  EXPECT_NE(copy.data(0), original.data(0));
+  gpt2<double> model(gpt2_weights<double>::random(k_tiny, 3));
+  const double* storage = model.weights().data(0);
+  model.weights() = original;  // values copied into the storage the projections view
+  EXPECT_EQ(model.weights().data(0), storage);
+  EXPECT_EQ(model.weights().wte()(2, 3), original.wte()(2, 3));
+  gpt2<double> reference(tiny_weights<double>());
+  const auto b = tiny_batch();
+  EXPECT_EQ(model.forward_backward(b.in, b.target, b.batch, b.seq),
+            reference.forward_backward(b.in, b.target, b.batch, b.seq));
+  const gpt2_config other{2, 2, 16, 6, 11, 1e-5};
+  EXPECT_THROW(model.weights() = gpt2_weights<double>(other), lora::shape_error);
+  // A KV cache of a model of another width is refused, not written out of bounds.
+  gpt2<double> wide(gpt2_weights<double>::random(other, 1));
+  auto wide_cache = wide.make_cache();
+  EXPECT_THROW(model.infer({1, 2}, wide_cache, nullptr), lora::shape_error);
+  // Sizes that would overflow the parameter count are refused up front.
+  EXPECT_THROW(gpt2_config({2, 2, index{1} << 40, 6, 11, 1e-5}).validate(), lora::config_error);
+  EXPECT_THROW(gpt2_config({2, 2, 8, 6, index{1} << 30, 1e-5}).validate(), lora::config_error);
+}
+
 TEST(Gpt2, ModulePathsAreGpt2LMHeadModelsAndTheParameterCountIsGpt2Smalls) {
   EXPECT_EQ(lora::models::gpt2_module_path(3, gpt2_module::attn_c_proj), "transformer.h.3.attn.c_proj");
   EXPECT_EQ(lora::models::gpt2_module_path(0, gpt2_module::mlp_c_proj), "transformer.h.0.mlp.c_proj");

@@ -150,8 +150,10 @@ struct generate_options {
 };
 
 /// The next token from a column of logits.
-inline std::int32_t pick_token(const Eigen::Ref<const lora::vector<float>>& logits, const generate_options& o,
-                               lora::rng& gen) {
+inline std::int32_t pick_token(const Eigen::Ref<const lora::vector<float>>& all_logits, const generate_options& o,
+                               lora::rng& gen, lora::index vocab) {
+  // Only ids the tokenizer can decode: a model's vocabulary may be padded past the tokenizer's.
+  const auto logits = all_logits.head(std::min(vocab, all_logits.size()));
   const lora::index v = logits.size();
   if (o.temperature <= 0) {
     lora::index best = 0;
@@ -177,9 +179,11 @@ inline std::int32_t pick_token(const Eigen::Ref<const lora::vector<float>>& logi
   return cand.back().second;
 }
 
-/// Continues `prompt` (at least one token) by up to o.length tokens. When the context is full, the
-/// cache restarts from the last half-context of tokens (a sliding window).
-inline token_list generate(const lm& model, const token_list& prompt, const generate_options& o, std::int32_t eot_id) {
+/// Continues `prompt` (at least one token) by up to o.length tokens drawn from the tokenizer's `tok`
+/// ids. When the context is full, the cache restarts from the last half-context of tokens (a sliding window).
+inline token_list generate(const lm& model, const token_list& prompt, const generate_options& o,
+                           const lora::models::tokenizer& tok) {
+  const std::int32_t eot_id = tok.eot_id();
   const auto ctx = static_cast<std::size_t>(model.config().n_positions);
   token_list all = prompt;
   if (all.empty()) all.push_back(eot_id);  // an empty prompt starts from <|endoftext|>, as GPT-2 does
@@ -195,7 +199,7 @@ inline token_list generate(const lm& model, const token_list& prompt, const gene
       feed.assign(all.end() - static_cast<std::ptrdiff_t>(std::min(all.size(), keep)), all.end());
     }
     model.infer(feed, cache, &logits);
-    const std::int32_t next = pick_token(logits.col(logits.cols() - 1), o, gen);
+    const std::int32_t next = pick_token(logits.col(logits.cols() - 1), o, gen, tok.vocab_size());
     if (o.stop_at_eot && next == eot_id) break;
     all.push_back(next);
     out.push_back(next);

@@ -90,7 +90,8 @@ class gpt2 {
   gpt2& operator=(const gpt2&) = delete;
 
   const gpt2_config& config() const noexcept { return m_weights.config(); }
-  /// The base tensors (merged adapters included). Full fine-tuning updates them in place.
+  /// The base tensors (merged adapters included). Full fine-tuning updates them in place; assigning to them
+  /// copies values into the same storage (gpt2_weights.hpp), so the projections' views stay valid.
   weights_type& weights() noexcept { return m_weights; }
   const weights_type& weights() const noexcept { return m_weights; }
 
@@ -356,12 +357,9 @@ void gpt2<Scalar>::train(bool on) {
 
 template <typename Scalar>
 void gpt2<Scalar>::set_base_training(gpt2_base_training mode) {
+  // The gradient buffers, once made, stay (a parameters() list taken earlier keeps pointing into them).
   m_base_training = mode;
-  if (mode == gpt2_base_training::frozen) {
-    m_grads.reset();
-  } else if (!m_grads) {
-    m_grads = std::make_unique<weights_type>(config());
-  }
+  if (mode != gpt2_base_training::frozen && !m_grads) m_grads = std::make_unique<weights_type>(config());
 }
 
 template <typename Scalar>

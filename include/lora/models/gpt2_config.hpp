@@ -50,6 +50,17 @@ inline void gpt2_config::validate(const std::string& where) const {
   positive("n_embd", n_embd);
   positive("n_positions", n_positions);
   positive("vocab_size", vocab_size);
+  // Upper bounds far above any GPT-2-family model, so that sizes and the parameter count never overflow.
+  const auto at_most = [&](const char* field, index v, index max) {
+    if (v > max)
+      throw config_error(where + ": " + field + " must be at most " + std::to_string(max) + ", got " +
+                         std::to_string(v));
+  };
+  at_most("n_layer", n_layer, index{1} << 12);
+  at_most("n_head", n_head, index{1} << 12);
+  at_most("n_embd", n_embd, index{1} << 16);
+  at_most("n_positions", n_positions, index{1} << 20);
+  at_most("vocab_size", vocab_size, index{1} << 22);
   if (n_embd % n_head != 0)
     throw config_error(where + ": n_embd must be a multiple of n_head, got n_embd " + std::to_string(n_embd) +
                        " and n_head " + std::to_string(n_head));

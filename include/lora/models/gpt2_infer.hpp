@@ -70,8 +70,15 @@ template <typename Scalar>
 void gpt2<Scalar>::infer(const token_list& ids, cache_type& c, matrix_type* logits) const {
   const auto& cfg = config();
   const index m = static_cast<index>(ids.size()), t0 = c.length, d = cfg.n_embd;
-  if (static_cast<index>(c.k.size()) != cfg.n_layer || (cfg.n_layer > 0 && c.k[0].rows() != cfg.n_positions))
-    throw shape_error("gpt2: the KV cache was not made by this model's make_cache()");
+  const auto fits = [&](const std::vector<matrix_type>& m) {
+    return static_cast<index>(m.size()) == cfg.n_layer && std::all_of(m.begin(), m.end(), [&](const matrix_type& x) {
+             return x.rows() == cfg.n_positions && x.cols() == d;
+           });
+  };
+  if (!fits(c.k) || !fits(c.v) || t0 < 0 || t0 > cfg.n_positions)
+    throw shape_error("gpt2: the KV cache was not made by this model's make_cache() (expected " +
+                      std::to_string(cfg.n_layer) + " blocks of " + std::to_string(cfg.n_positions) + " x " +
+                      std::to_string(d) + " keys and values)");
   if (m == 0 || t0 + m > cfg.n_positions)
     throw shape_error("gpt2: expected 1 to " + std::to_string(cfg.n_positions - t0) + " tokens at position " +
                       std::to_string(t0) + " (n_positions = " + std::to_string(cfg.n_positions) + "), got " +

@@ -14,9 +14,13 @@
 //   2 + 12 L, 3 + 12 L: ln_f.weight / .bias [d]                   final LayerNorm
 //
 // Matrices are row-major as stored, so a Conv1D weight [in, out] is W (out x in) column-major: a
-// lora::linear views it with weight_layout::out_in on the column-major map, without a copy. The storage
-// is either owned (one zeroed arena) or borrowed: a loader may point the tensors into a memory-mapped file
-// and hand over a keep-alive handle.
+// lora::linear views it (as a row-major [in, out] map with weight_layout::in_out, the same memory) without
+// a copy. The storage is either owned (one zeroed arena) or borrowed: a loader may point the tensors into a
+// memory-mapped file and hand over a keep-alive handle.
+//
+// Layers view the tensors, so the storage never moves once made: a move hands the same storage over, a
+// copy is a deep copy into a new owned arena, and assignment copies the values into the existing tensors
+// (shape_error unless both have the same config) instead of replacing the storage.
 #pragma once
 
 #include <Eigen/Core>
@@ -82,6 +86,12 @@ class gpt2_weights {
   explicit gpt2_weights(const gpt2_config& config);
   /// Borrowed storage: data[i] holds tensor i (spec size elements, any alignment); `keep_alive` owns it.
   gpt2_weights(const gpt2_config& config, std::vector<Scalar*> data, std::shared_ptr<void> keep_alive);
+  /// A deep copy, always into owned storage.
+  gpt2_weights(const gpt2_weights& other);
+  gpt2_weights(gpt2_weights&&) noexcept = default;
+  /// Copies the values into this object's tensors (the storage stays where views see it).
+  gpt2_weights& operator=(const gpt2_weights& other);
+  gpt2_weights& operator=(gpt2_weights&& other) { return *this = static_cast<const gpt2_weights&>(other); }
 
   /// GPT-2's initialisation (Hugging Face's _init_weights): matrices ~ N(0, 0.02²), the two output
   /// projections (attn.c_proj, mlp.c_proj) ~ N(0, (0.02 / √(2 L))²), biases 0, LayerNorm gains 1.
@@ -184,6 +194,29 @@ gpt2_weights<Scalar>::gpt2_weights(const gpt2_config& config, std::vector<Scalar
                       std::to_string(m_data.size()));
   for (std::size_t i = 0; i < m_data.size(); ++i)
     if (m_data[i] == nullptr) throw shape_error("gpt2_weights: tensor '" + m_specs[i].name + "' has no storage");
+}
+
+template <typename Scalar>
+gpt2_weights<Scalar>::gpt2_weights(const gpt2_weights& other) : gpt2_weights(other.m_config) {
+  for (index id = 0; id < num_tensors(); ++id) flat(id) = other.flat(id);
+}
+
+template <typename Scalar>
+gpt2_weights<Scalar>& gpt2_weights<Scalar>::operator=(const gpt2_weights& other) {
+  if (this == &other) return *this;
+  if (other.num_tensors() != num_tensors() || other.num_elements() != num_elements())
+    throw shape_error(
+        "gpt2_weights: assignment copies values into the existing tensors, so both must have the "
+        "same config; expected " +
+        std::to_string(num_tensors()) + " tensors of " + std::to_string(num_elements()) + " values, got " +
+        std::to_string(other.num_tensors()) + " of " + std::to_string(other.num_elements()));
+  for (index id = 0; id < num_tensors(); ++id) {
+    if (other.spec(id).rows != spec(id).rows || other.spec(id).cols != spec(id).cols)
+      throw shape_error("gpt2_weights: tensor '" + spec(id).name +
+                        "' differs in shape; assignment needs the same config");
+  }
+  for (index id = 0; id < num_tensors(); ++id) flat(id) = other.flat(id);
+  return *this;
 }
 
 template <typename Scalar>
