@@ -394,16 +394,30 @@ TEST(Gpt2IoMalformed, ConfigDisagreeingWithTheTensors) {
 
 TEST(Gpt2IoMalformed, AbsurdConfigIsRefusedBeforeAllocating) {
   const auto w = models::gpt2_weights<float>::random(tiny(), 11);
+  // Within gpt2_config's bounds but far more than the file holds: refused by the file check.
   models::gpt2_config huge = tiny();
+  huge.vocab_size = index{1} << 22;
+  expect_load_error<lora::format_error>(huge, tensors_of(w), {"vocab_size 4194304", "data bytes"});
+  huge = tiny();
+  huge.n_layer = index{1} << 12;
+  expect_load_error<lora::format_error>(huge, tensors_of(w), {"n_layer 4096"});
+  // Beyond the bounds (sizes that would overflow): refused by the config itself, naming config.json.
+  const auto refused = [&](const models::gpt2_config& c, std::initializer_list<std::string> fragments) {
+    temp_dir dir;
+    write_folder(dir, c, tensors_of(w));
+    expect_error<lora::config_error>([&] { models::load_gpt2<float>(dir.path()); }, {dir.file("config.json")});
+    expect_error<lora::config_error>([&] { models::load_gpt2<float>(dir.path()); }, fragments);
+  };
+  huge = tiny();
   huge.vocab_size = index{1} << 50;
-  expect_load_error<lora::format_error>(huge, tensors_of(w), {"vocab_size 1125899906842624", "data bytes"});
+  refused(huge, {"vocab_size must be at most", "1125899906842624"});
   huge = tiny();
   huge.n_embd = index{1} << 61;
   huge.n_head = 1;
-  expect_load_error<lora::format_error>(huge, tensors_of(w), {"n_embd"});
+  refused(huge, {"n_embd must be at most"});
   huge = tiny();
   huge.n_layer = index{1} << 40;
-  expect_load_error<lora::format_error>(huge, tensors_of(w), {"n_layer 1099511627776"});
+  refused(huge, {"n_layer must be at most", "1099511627776"});
 }
 
 TEST(Gpt2IoMalformed, MixedKeyConventions) {
