@@ -214,10 +214,20 @@ def gpt2_report(doc, out):
 
 
 def merge_gpt2(out_path, inputs, note):
-    """Collects the per-process JSON of scripts/bench_gpt2.sh into one gpt2_step.json."""
-    runs = [load(p) for p in inputs]
+    """Collects the per-process JSON of scripts/bench_gpt2.sh into gpt2_step.json. Runs already there for
+    other (mode, threads, n_ctx, batch, contender) keys are kept, and the note says they are earlier ones."""
+    runs = [r for r in (load(p) for p in inputs) if r]
+
+    def key(r):
+        return (r["mode"], r["threads"], r["ctx"], r["batch"], r["contender"])
+
+    measured = {key(r) for r in runs}
+    old = load(out_path) or {}
+    kept = [r for r in old.get("runs", []) if key(r) not in measured]
+    if kept:
+        note += " Kept from an earlier run (" + str(len(kept)) + " runs): " + old.get("note", "")
     with open(out_path, "w") as f:
-        json.dump({"note": note, "cpus": os.cpu_count(), "runs": [r for r in runs if r]}, f, indent=2)
+        json.dump({"note": note, "cpus": os.cpu_count(), "runs": runs + kept}, f, indent=2)
         f.write("\n")
 
 
