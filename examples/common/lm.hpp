@@ -46,12 +46,8 @@ using lm_weights = lora::models::gpt2_weights<float>;
 // ---------------------------------------------------------------------------------------------------
 // Models, adapters, tokenizers
 
-/// An owned copy of `w` (gpt2_weights points into its own storage, so it is copied tensor by tensor).
-inline lm_weights clone_weights(const lm_weights& w) {
-  lm_weights out(w.config());
-  for (lora::index id = 0; id < w.num_tensors(); ++id) out.flat(id) = w.flat(id);
-  return out;
-}
+/// An owned copy of `w` (gpt2_weights' copy is deep, into new storage).
+inline lm_weights clone_weights(const lm_weights& w) { return w; }
 
 /// A Hugging Face GPT-2 folder: config, weights and the tokenizer that goes with it.
 struct base_model {
