@@ -557,7 +557,7 @@ double gpt2<Scalar>::head_forward_backward(const token_list& targets, double los
     const index rows = std::min(chunk, n - r0);
     m_logits.resize(v, rows);                                          // logitsᵀ: one column per token
     m_logits.noalias() = wte * m_hf.middleRows(r0, rows).transpose();  // V x rows
-    std::vector<double> part_loss(static_cast<std::size_t>(num_threads()), 0.0);
+    std::vector<double> part_loss(static_cast<std::size_t>(detail::parallel_parts(rows, 8)), 0.0);
     detail::parallel_for(rows, 8, [&](index j0, index j1, index part) {
       for (index j = j0; j < j1; ++j) {
         const std::int32_t target = targets[static_cast<std::size_t>(r0 + j)];

@@ -112,7 +112,7 @@ void layer_norm_backward(const Eigen::MatrixBase<DY>& dy, const Eigen::MatrixBas
                          Scalar* dgamma, Scalar* dbeta, matrix<Scalar>& scratch) {
   const index n = x.rows(), d = x.cols();
   scratch.resize(n, d);  // x̂
-  const index parts = std::max<index>(1, std::min<index>(num_threads(), n / detail::rows_per_part));
+  const index parts = detail::parallel_parts(n, detail::rows_per_part);
   matrix<Scalar> partial = matrix<Scalar>::Zero(2 * d, parts);  // per part: dγ then dβ
   detail::parallel_for(n, detail::rows_per_part, [&](index r0, index r1, index part) {
     const index m = r1 - r0;

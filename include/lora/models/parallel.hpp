@@ -33,6 +33,11 @@ namespace detail {
 template <typename Fn>
 void parallel_for(index n, index min_chunk, Fn&& fn);
 
+/// How many parts parallel_for(n, min_chunk, ...) makes: callers size per-part buffers with it.
+inline index parallel_parts(index n, index min_chunk) {
+  return std::max<index>(1, std::min<index>(num_threads(), n / std::max<index>(1, min_chunk)));
+}
+
 inline std::atomic<int>& thread_setting() {
   static std::atomic<int> setting{0};  // 0: not set, read the environment
   return setting;
@@ -66,7 +71,7 @@ inline void set_num_threads(int n) {
 
 template <typename Fn>
 void detail::parallel_for(index n, index min_chunk, Fn&& fn) {
-  const index parts = std::max<index>(1, std::min<index>(num_threads(), n / std::max<index>(1, min_chunk)));
+  const index parts = parallel_parts(n, min_chunk);
   if (parts == 1) {
     if (n > 0) fn(index{0}, n, index{0});
     return;
