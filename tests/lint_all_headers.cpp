@@ -22,6 +22,7 @@
 #include <lora/io/detail/utf8.hpp>
 #include <lora/io/dtype.hpp>
 #include <lora/io/file_storage.hpp>
+#include <lora/io/ggml_types.hpp>
 #include <lora/io/merge.hpp>
 #include <lora/io/module_match.hpp>
 #include <lora/io/module_ref.hpp>
