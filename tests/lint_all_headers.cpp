@@ -22,6 +22,7 @@
 #include <lora/io/detail/utf8.hpp>
 #include <lora/io/dtype.hpp>
 #include <lora/io/file_storage.hpp>
+#include <lora/io/ggml_types.hpp>
 #include <lora/io/gguf.hpp>
 #include <lora/io/gguf_lora.hpp>
 #include <lora/io/gguf_reader.hpp>
