@@ -12,7 +12,7 @@ scripts/setup.sh clang libclang-rt-14-dev
 seconds=${1:-60}
 build=${LORA_FUZZ_BUILD:-build/fuzz}
 jobs=${LORA_JOBS:-$(nproc)}
-fuzzers=(safetensors peft regex)
+fuzzers=(safetensors peft gguf regex)
 
 cmake -S . -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DLORA_BUILD_FUZZERS=ON -DLORA_BUILD_TESTS=OFF -DLORA_BUILD_EXAMPLES=OFF -DLORA_BUILD_BENCHMARKS=OFF >/dev/null

@@ -22,6 +22,12 @@
 #include <lora/io/detail/utf8.hpp>
 #include <lora/io/dtype.hpp>
 #include <lora/io/file_storage.hpp>
+#include <lora/io/ggml_types.hpp>
+#include <lora/io/gguf.hpp>
+#include <lora/io/gguf_lora.hpp>
+#include <lora/io/gguf_reader.hpp>
+#include <lora/io/gguf_value.hpp>
+#include <lora/io/gguf_writer.hpp>
 #include <lora/io/merge.hpp>
 #include <lora/io/module_match.hpp>
 #include <lora/io/module_ref.hpp>
@@ -44,6 +50,7 @@
 #include <lora/models/detail/unicode_tables.hpp>
 #include <lora/models/gpt2.hpp>
 #include <lora/models/gpt2_config.hpp>
+#include <lora/models/gpt2_gguf.hpp>
 #include <lora/models/gpt2_infer.hpp>
 #include <lora/models/gpt2_io.hpp>
 #include <lora/models/gpt2_weights.hpp>

@@ -12,14 +12,24 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <lora/io/gguf.hpp>
+#include <lora/io/gguf_lora.hpp>
 #include <lora/io/merge.hpp>
+#include <lora/models/gpt2_gguf.hpp>
 #include <string>
+#include <vector>
+
+#include "cli.hpp"
 
 namespace {
+
+using lora_cli::usage_error;
 
 const char* const usage =
     "usage: lora-merge --base MODEL.safetensors --adapter ADAPTER_DIR --out OUT.safetensors\n"
     "                  [--scale S] [--dtype keep|f32|f16|bf16] [--quiet]\n"
+    "       lora-merge --base MODEL.gguf --adapter ADAPTER_DIR|ADAPTER.gguf --out OUT.gguf\n"
+    "                  [--scale S] [--dtype keep|f32|f16|bf16|q8_0|q4_0] [--quiet]\n"
     "\n"
     "Merges a Hugging Face PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into a\n"
     "safetensors checkpoint: W += s * B A for every adapted module (transposed with fan_in_fan_out),\n"
@@ -28,23 +38,24 @@ const char* const usage =
     "suffix (e.g. transformer.h.0.attn.c_attn -> h.0.attn.c_attn.weight); ambiguous or missing matches\n"
     "are errors. The output is written atomically.\n"
     "\n"
+    "A GGUF base (llama.cpp's format, recognised by its magic) takes a llama.cpp LoRA adapter (.gguf) or,\n"
+    "for GPT-2, a PEFT adapter; each adapted tensor is dequantized, merged in double and stored again in\n"
+    "its own type (keep) or the chosen one; everything else is copied byte for byte.\n"
+    "\n"
     "  --base PATH     the base checkpoint (safetensors)\n"
     "  --adapter DIR   the PEFT adapter directory\n"
     "  --out PATH      the merged checkpoint to write (may be the base path)\n"
     "  --scale S       multiplies every module's scaling (default 1)\n"
     "  --dtype D       keep (default: each tensor's own dtype, untouched tensors byte-identical), or\n"
-    "                  f32 | f16 | bf16 for every floating-point tensor\n"
+    "                  f32 | f16 | bf16 for every floating-point tensor (GGUF: every merged tensor,\n"
+    "                  also q8_0 | q4_0)\n"
     "  --quiet         no progress bar\n"
     "  --help          this text\n";
-
-/// A usage mistake: reported with a hint to --help, exit status 2.
-struct usage_error {
-  std::string message;
-};
 
 struct arguments {
   std::string base, adapter, out;
   lora::io::merge_options options;
+  std::string dtype = "keep";
   bool quiet = false;
   bool help = false;
 };
@@ -66,25 +77,9 @@ arguments parse(int argc, char** argv) {
     } else if (flag == "--out") {
       a.out = value();
     } else if (flag == "--scale") {
-      const std::string text = value();
-      char* end = nullptr;
-      const double s = std::strtod(text.c_str(), &end);
-      if (text.empty() || *end != '\0' || !std::isfinite(s))
-        throw usage_error{"--scale needs a finite number, got '" + text + "'"};
-      a.options.scale = s;
+      a.options.scale = lora_cli::parse_number(flag, value());
     } else if (flag == "--dtype") {
-      const std::string d = value();
-      if (d == "keep") {
-        a.options.out_dtype.reset();
-      } else if (d == "f32") {
-        a.options.out_dtype = lora::io::dtype::f32;
-      } else if (d == "f16") {
-        a.options.out_dtype = lora::io::dtype::f16;
-      } else if (d == "bf16") {
-        a.options.out_dtype = lora::io::dtype::bf16;
-      } else {
-        throw usage_error{"--dtype must be keep, f32, f16 or bf16, got '" + d + "'"};
-      }
+      a.dtype = value();
     } else if (flag == "--quiet") {
       a.quiet = true;
     } else {
@@ -95,44 +90,37 @@ arguments parse(int argc, char** argv) {
   if (a.base.empty()) throw usage_error{"--base is required"};
   if (a.adapter.empty()) throw usage_error{"--adapter is required"};
   if (a.out.empty()) throw usage_error{"--out is required"};
+  const bool gguf = lora::io::is_gguf_file(a.base);
+  if (!gguf && lora::io::is_gguf_file(a.adapter))
+    throw usage_error{"a GGUF adapter needs a GGUF base (or convert it: lora-gguf to-peft)"};
+  if (a.dtype == "f32" || a.dtype == "f16" || a.dtype == "bf16") {
+    a.options.out_dtype = lora::io::parse_dtype(a.dtype == "f32" ? "F32" : a.dtype == "f16" ? "F16" : "BF16");
+  } else if (a.dtype != "keep" && !(gguf && (a.dtype == "q8_0" || a.dtype == "q4_0"))) {
+    throw usage_error{"--dtype must be keep, f32, f16 or bf16" + std::string(gguf ? ", q8_0 or q4_0" : "") + ", got '" +
+                      a.dtype + "'"};
+  }
   return a;
 }
 
-/// "[#########...........] 12/148 tensors", redrawn in place on a terminal, at most every 1%.
-class tensor_bar {
- public:
-  explicit tensor_bar(bool enabled) : m_enabled(enabled && ::isatty(STDERR_FILENO) == 1) {}
-  ~tensor_bar() {
-    if (m_open) std::fputc('\n', stderr);
+/// A GGUF base: the adapter is a llama.cpp LoRA GGUF, or a PEFT adapter on GPT-2.
+int merge_gguf(const arguments& args, lora_cli::tensor_bar& bar) {
+  namespace io = lora::io;
+  const io::gguf_file base = io::gguf_file::open(args.base);
+  std::vector<io::gguf_lora_module> modules;
+  if (io::is_gguf_file(args.adapter)) {
+    modules = io::read_gguf_lora(io::gguf_file::open(args.adapter), &base).modules;
+  } else {
+    modules = lora::models::gpt2_peft_to_gguf_modules(io::peft_adapter::load(args.adapter),
+                                                      lora::models::read_gpt2_gguf_config(base));
   }
-  void update(std::size_t done, std::size_t total) {
-    if (!m_enabled || total == 0) return;
-    const int percent = static_cast<int>(100 * done / total);
-    if (percent == m_last && done != total) return;
-    m_last = percent;
-    constexpr int width = 30;
-    const int filled =
-        static_cast<int>(static_cast<double>(width) * static_cast<double>(done) / static_cast<double>(total));
-    std::fprintf(stderr, "\r[%s%s] %zu/%zu tensors", std::string(static_cast<std::size_t>(filled), '#').c_str(),
-                 std::string(static_cast<std::size_t>(width - filled), '.').c_str(), done, total);
-    std::fflush(stderr);
-    m_open = done != total;
-    if (done == total) std::fputc('\n', stderr);
-  }
-
- private:
-  bool m_enabled;
-  bool m_open = false;
-  int m_last = -1;
-};
-
-/// Prints one line: newlines inside the message become spaces.
-void print_error(const std::string& message) {
-  std::string line = message;
-  for (char& c : line) {
-    if (c == '\n' || c == '\r') c = ' ';
-  }
-  std::fprintf(stderr, "lora-merge: error: %s\n", line.c_str());
+  io::gguf_merge_options options;
+  options.scale = args.options.scale;
+  if (args.dtype != "keep") options.out_type = io::parse_ggml_type(args.dtype);
+  options.progress = [&](std::size_t done, std::size_t total, const std::string&) { bar.update(done, total); };
+  const io::gguf_merge_report report = io::merge_gguf(base, modules, args.out, options);
+  std::printf("merged %zu LoRA modules into %zu tensors, copied %zu unchanged: %zu tensors in %s\n", modules.size(),
+              report.merged.size(), report.copied, report.merged.size() + report.copied, args.out.c_str());
+  return 0;
 }
 
 }  // namespace
@@ -142,7 +130,7 @@ int main(int argc, char** argv) {
   try {
     args = parse(argc, argv);
   } catch (const usage_error& e) {
-    print_error(e.message + " (see --help)");
+    lora_cli::print_error("lora-merge", e.message + " (see --help)");
     return 2;
   }
   if (args.help) {
@@ -150,15 +138,16 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    tensor_bar bar(!args.quiet);
+    lora_cli::tensor_bar bar(!args.quiet);
     args.options.progress = [&](std::size_t done, std::size_t total, const std::string&) { bar.update(done, total); };
+    if (lora::io::is_gguf_file(args.base)) return merge_gguf(args, bar);
     const lora::io::merge_report report = lora::io::merge_checkpoint(args.base, args.adapter, args.out, args.options);
     std::printf("merged %zu LoRA tensors, replaced %zu, converted %zu, copied %zu unchanged: %zu tensors in %s\n",
                 report.merged.size(), report.replaced.size(), report.converted, report.copied, report.tensors,
                 args.out.c_str());
     return 0;
   } catch (const std::exception& e) {
-    print_error(e.what());
+    lora_cli::print_error("lora-merge", e.what());
     return 1;
   }
 }

@@ -10,6 +10,8 @@
 
 #include "io/atomic_file.hpp"
 #include "io/checkpoint.hpp"
+#include "io/gguf.hpp"
+#include "io/gguf_lora.hpp"
 #include "io/merge.hpp"
 #include "io/peft.hpp"
 #include "io/safetensors.hpp"

@@ -41,6 +41,26 @@ enum class read_mode {
   map_copy_on_write,
 };
 
+/// The bytes of one tensor exactly as stored (little-endian). Holds a reference to the mapping (or to
+/// its own copy when the file is not memory-resident), so it stays valid after the file object it came
+/// from is destroyed.
+class tensor_bytes {
+ public:
+  tensor_bytes() = default;
+  /// `size` bytes at `data`, kept alive by `owner`.
+  tensor_bytes(std::shared_ptr<const void> owner, const unsigned char* data, std::size_t size) noexcept
+      : m_owner(std::move(owner)), m_data(data), m_size(size) {}
+  const unsigned char* data() const noexcept { return m_data; }
+  std::size_t size() const noexcept { return m_size; }
+  const unsigned char* begin() const noexcept { return m_data; }
+  const unsigned char* end() const noexcept { return m_data + m_size; }
+
+ private:
+  std::shared_ptr<const void> m_owner;
+  const unsigned char* m_data = nullptr;
+  std::size_t m_size = 0;
+};
+
 namespace detail {
 
 using lora::detail::cat;
@@ -50,8 +70,9 @@ using lora::detail::cat;
 class file_storage {
  public:
   /// Opens `path` (O_NONBLOCK, so that a FIFO cannot block); io_error when it cannot be opened or is
-  /// not a regular file.
-  static std::shared_ptr<const file_storage> open(const std::string& path, read_mode mode);
+  /// not a regular file, naming the file as a `kind` file ("safetensors", "GGUF").
+  static std::shared_ptr<const file_storage> open(const std::string& path, read_mode mode,
+                                                  const char* kind = "safetensors");
   static std::shared_ptr<const file_storage> from_bytes(std::vector<unsigned char> bytes);
   file_storage(const file_storage&) = delete;
   file_storage& operator=(const file_storage&) = delete;
@@ -77,25 +98,31 @@ class file_storage {
   std::uint64_t m_size = 0;
 };
 
+/// The `size` bytes at `offset` of `storage` (checked by the caller to lie inside the file): a view
+/// into the mapping when the file is memory-resident, else a copy read with pread.
+tensor_bytes storage_slice(const std::shared_ptr<const file_storage>& storage, std::uint64_t offset, std::size_t size,
+                           const std::string& label);
+
 // ================================================================================================
 // Implementation
 // ================================================================================================
 
-inline std::shared_ptr<const file_storage> file_storage::open(const std::string& path, read_mode mode) {
+inline std::shared_ptr<const file_storage> file_storage::open(const std::string& path, read_mode mode,
+                                                              const char* kind) {
   // O_NONBLOCK so that opening a FIFO cannot block; it has no effect on regular files.
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     const int err = errno;
-    throw io_error(cat("cannot open safetensors file '", path, "': ", std::strerror(err)));
+    throw io_error(cat("cannot open ", kind, " file '", path, "': ", std::strerror(err)));
   }
   std::shared_ptr<file_storage> storage(new file_storage());
   storage->m_fd = fd;  // closed by the destructor from here on
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     const int err = errno;
-    throw io_error(cat("cannot stat safetensors file '", path, "': ", std::strerror(err)));
+    throw io_error(cat("cannot stat ", kind, " file '", path, "': ", std::strerror(err)));
   }
-  if (!S_ISREG(st.st_mode)) throw io_error(cat("safetensors file '", path, "' is not a regular file"));
+  if (!S_ISREG(st.st_mode)) throw io_error(cat(kind, " file '", path, "' is not a regular file"));
   storage->m_size = static_cast<std::uint64_t>(st.st_size);
   if (mode != read_mode::pread) storage->try_map(mode == read_mode::map_copy_on_write);
   return storage;
@@ -141,11 +168,20 @@ inline void file_storage::read(std::uint64_t offset, std::size_t n, unsigned cha
     if (got < 0 && errno == EINTR) continue;
     if (got <= 0) {
       const int err = errno;
-      throw io_error(cat("cannot read safetensors file '", label, "' at byte ", offset + done, ": ",
+      throw io_error(cat("cannot read '", label, "' at byte ", offset + done, ": ",
                          got == 0 ? "unexpected end of file (was it truncated while open?)" : std::strerror(err)));
     }
     done += static_cast<std::size_t>(got);
   }
+}
+
+inline tensor_bytes storage_slice(const std::shared_ptr<const file_storage>& storage, std::uint64_t offset,
+                                  std::size_t size, const std::string& label) {
+  if (const unsigned char* data = storage->data()) return tensor_bytes(storage, data + offset, size);
+  auto copy = std::make_shared<std::vector<unsigned char>>(size);
+  storage->read(offset, size, copy->data(), label);
+  const unsigned char* p = copy->data();
+  return tensor_bytes(std::move(copy), p, size);
 }
 
 }  // namespace detail

@@ -43,23 +43,6 @@
 
 namespace lora::io {
 
-/// The bytes of one tensor exactly as stored (little-endian, row-major). Holds a reference to the
-/// mapping (or to its own copy when the file is not memory-resident), so it stays valid after the
-/// safetensors_file it came from is destroyed.
-class tensor_bytes {
- public:
-  const unsigned char* data() const noexcept { return m_data; }
-  std::size_t size() const noexcept { return m_size; }
-  const unsigned char* begin() const noexcept { return m_data; }
-  const unsigned char* end() const noexcept { return m_data + m_size; }
-
- private:
-  friend class safetensors_file;
-  std::shared_ptr<const void> m_owner;
-  const unsigned char* m_data = nullptr;
-  std::size_t m_size = 0;
-};
-
 /// A safetensors file opened for reading: validated completely at open, then read tensor by tensor.
 /// Copies share the underlying mapping.
 class safetensors_file {
@@ -508,18 +491,7 @@ matrix<Scalar> safetensors_file::read_matrix(const std::string& name) const {
 
 inline tensor_bytes safetensors_file::raw(const std::string& name) const {
   const tensor_info& t = info(name);
-  tensor_bytes out;
-  out.m_size = static_cast<std::size_t>(t.byte_size());
-  if (const unsigned char* data = m_storage->data()) {
-    out.m_owner = m_storage;
-    out.m_data = data + m_data_offset + t.begin;
-    return out;
-  }
-  auto copy = std::make_shared<std::vector<unsigned char>>(out.m_size);
-  m_storage->read(m_data_offset + t.begin, out.m_size, copy->data(), m_label);
-  out.m_data = copy->data();
-  out.m_owner = std::move(copy);
-  return out;
+  return detail::storage_slice(m_storage, m_data_offset + t.begin, static_cast<std::size_t>(t.byte_size()), m_label);
 }
 
 }  // namespace lora::io

@@ -1,0 +1,396 @@
+// tests/test_gguf_lora.cpp: GPT-2 models and LoRA adapters in llama.cpp's GGUF form (io/gguf_lora.hpp,
+// models/gpt2_gguf.hpp): the model's keys, types, names and shapes as llama.cpp checks them, exact round
+// trips, the PEFT <-> GGUF name mapping, scalings kept (folded where one alpha cannot express them),
+// refusals with reasons, malformed adapters, and merging into a GGUF base. (llama.cpp itself checks the
+// files in tests/llama/.)
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <lora/io/gguf.hpp>
+#include <lora/io/gguf_lora.hpp>
+#include <lora/io/peft.hpp>
+#include <lora/models/gpt2_gguf.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "file_support.hpp"
+#include "support.hpp"
+
+namespace {
+
+namespace io = lora::io;
+namespace models = lora::models;
+using lora_test::expect_error;
+using lora_test::temp_dir;
+
+models::gpt2_config tiny() {
+  models::gpt2_config c;
+  c.n_layer = 2;
+  c.n_head = 2;
+  c.n_embd = 32;
+  c.n_positions = 16;
+  c.vocab_size = 257;
+  return c;
+}
+
+models::gguf_vocab byte_vocab() { return models::gguf_vocab_from_folder("/nonexistent-folder", 257); }
+
+lora::matrix<double> random_matrix(lora::index rows, lora::index cols, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal;
+  lora::matrix<double> m(rows, cols);
+  for (auto& x : m.reshaped()) x = normal(rng);
+  return m;
+}
+
+/// A PEFT module on GPT-2 with random factors of rank r.
+io::peft_module peft_module(const std::string& path, lora::index in, lora::index out, lora::index r, unsigned seed) {
+  io::peft_module m;
+  m.path = path;
+  m.a = random_matrix(r, in, seed);
+  m.b = random_matrix(out, r, seed + 1);
+  return m;
+}
+
+/// An adapter on both attention projections of layer 0 and the MLP up projection of layer 1.
+io::peft_adapter peft_adapter(lora::index r_attn = 4, lora::index r_mlp = 4) {
+  io::peft_adapter a;
+  a.config.r = r_attn;
+  a.config.lora_alpha = 8;
+  a.config.fan_in_fan_out = true;
+  a.modules.push_back(peft_module("transformer.h.0.attn.c_attn", 32, 96, r_attn, 1));
+  a.modules.push_back(peft_module("transformer.h.0.attn.c_proj", 32, 32, r_attn, 3));
+  a.modules.push_back(peft_module("transformer.h.1.mlp.c_fc", 32, 128, r_mlp, 5));
+  if (r_mlp != r_attn) a.config.rank_pattern.push_back({"mlp.c_fc", r_mlp});
+  return a;
+}
+
+/// ΔW = s B A of every module, by base tensor name.
+std::map<std::string, lora::matrix<double>> deltas(const std::vector<io::gguf_lora_module>& modules) {
+  std::map<std::string, lora::matrix<double>> out;
+  for (const auto& m : modules) out[m.base] = m.scaling * m.b * m.a;
+  return out;
+}
+
+// --- models ----------------------------------------------------------------------------------------
+
+TEST(Gpt2Gguf, ModelHasTheKeysTypesNamesAndShapesLlamaCppChecks) {
+  const auto weights = models::gpt2_weights<float>::random(tiny(), 1);
+  const io::gguf_file f = io::gguf_file::from_bytes(models::gpt2_gguf_writer(weights, byte_vocab()).to_bytes(), "m");
+  EXPECT_EQ(f.get_string("general.architecture"), "gpt2");
+  EXPECT_EQ(f.get<std::uint32_t>("gpt2.context_length"), 16u);
+  EXPECT_EQ(f.get<std::uint32_t>("gpt2.embedding_length"), 32u);
+  EXPECT_EQ(f.get<std::uint32_t>("gpt2.feed_forward_length"), 128u);
+  EXPECT_EQ(f.get<std::uint32_t>("gpt2.block_count"), 2u);
+  EXPECT_EQ(f.get<std::uint32_t>("gpt2.attention.head_count"), 2u);
+  EXPECT_EQ(f.get<float>("gpt2.attention.layer_norm_epsilon"), 1e-5f);
+  EXPECT_EQ(f.get<std::uint32_t>("general.file_type"), 0u);
+  EXPECT_EQ(f.get_string("tokenizer.ggml.model"), "gpt2");
+  EXPECT_EQ(f.get_string("tokenizer.ggml.pre"), "default");
+  const auto& tokens = f.value("tokenizer.ggml.tokens").strings();
+  ASSERT_EQ(tokens.size(), 257u);
+  EXPECT_EQ(tokens[65], "A");
+  EXPECT_EQ(tokens[32], "\xc4\xa0");  // byte 0x20 is U+0120 in GPT-2's alphabet
+  EXPECT_EQ(tokens[256], "<|endoftext|>");
+  EXPECT_EQ(f.value("tokenizer.ggml.token_type").array_of<std::int32_t>()[256], 3);
+  EXPECT_EQ(f.value("tokenizer.ggml.merges").element_type(), io::gguf_type::string);
+  EXPECT_EQ(f.value("tokenizer.ggml.merges").size(), 0u);
+  EXPECT_EQ(f.get<std::uint32_t>("tokenizer.ggml.eos_token_id"), 256u);
+  EXPECT_EQ(f.tensors().size(), 28u);
+  EXPECT_FALSE(f.contains("output.weight"));  // tied head
+  EXPECT_EQ(f.info("token_embd.weight").ne, (std::vector<std::uint64_t>{32, 257}));
+  EXPECT_EQ(f.info("blk.1.attn_qkv.weight").ne, (std::vector<std::uint64_t>{32, 96}));
+  EXPECT_EQ(f.info("blk.1.ffn_down.weight").ne, (std::vector<std::uint64_t>{128, 32}));
+  EXPECT_EQ(f.info("output_norm.bias").ne, (std::vector<std::uint64_t>{32}));
+  // The GGUF weight is nn.Linear's W (out x in): the transpose of HF's Conv1D [in, out].
+  const auto w = f.read_matrix<float>("blk.0.attn_qkv.weight");
+  EXPECT_EQ(w, weights.block(0, models::block_tensor::c_attn_weight).transpose());
+}
+
+TEST(Gpt2Gguf, ModelRoundTripsExactlyInF32AndClosely_InQ8_0) {
+  temp_dir dir;
+  const auto weights = models::gpt2_weights<float>::random(tiny(), 2);
+  models::gpt2_gguf_writer(weights, byte_vocab()).write(dir.file("f32.gguf"));
+  const auto back = models::load_gpt2_gguf<float>(dir.file("f32.gguf"));
+  EXPECT_EQ(back.config.n_embd, 32);
+  for (lora::index id = 0; id < weights.num_tensors(); ++id) EXPECT_EQ(back.weights.flat(id), weights.flat(id)) << id;
+  models::gpt2_gguf_options q8;
+  q8.type = io::ggml_type::q8_0;
+  models::gpt2_gguf_writer(weights, byte_vocab(), q8).write(dir.file("q8.gguf"));
+  const io::gguf_file f = io::gguf_file::open(dir.file("q8.gguf"));
+  EXPECT_EQ(f.info("blk.0.ffn_up.weight").type, io::ggml_type::q8_0);
+  EXPECT_EQ(f.info("blk.0.ffn_up.bias").type, io::ggml_type::f32);  // vectors stay F32
+  EXPECT_EQ(f.get<std::uint32_t>("general.file_type"), 7u);
+  const auto q = models::load_gpt2_gguf<double>(dir.file("q8.gguf"));
+  // Each value is within half a step d = block amax / 127 of the original, plus the rounding of d to f16
+  // (up to 127 steps of 2^-11 d).
+  for (lora::index id = 0; id < weights.num_tensors(); ++id) {
+    const double amax = weights.flat(id).cwiseAbs().maxCoeff();
+    EXPECT_LE((q.weights.flat(id) - weights.flat(id).cast<double>()).cwiseAbs().maxCoeff(),
+              amax / 127 * (0.5 + 127.0 / 2048) + 1e-9)
+        << id;
+  }
+}
+
+TEST(Gpt2Gguf, LoadingRefusesWhatIsNotThisModel) {
+  temp_dir dir;
+  auto weights = models::gpt2_weights<float>::random(tiny(), 3);
+  auto w = models::gpt2_gguf_writer(weights, byte_vocab());
+  w.add_vector("output.weight", lora::vector<float>::Ones(32), io::ggml_type::f32);
+  w.write(dir.file("extra.gguf"));
+  expect_error<lora::format_error>([&] { models::load_gpt2_gguf<float>(dir.file("extra.gguf")); },
+                                   {"29 tensors", "28"});
+  auto v = models::gpt2_gguf_writer(weights, byte_vocab());
+  v.set("gpt2.feed_forward_length", io::gguf_value::of(std::uint32_t{100}));
+  v.write(dir.file("ff.gguf"));
+  expect_error<lora::format_error>([&] { models::load_gpt2_gguf<float>(dir.file("ff.gguf")); },
+                                   {"feed_forward_length", "100"});
+  auto t = models::gpt2_gguf_writer(weights, byte_vocab());
+  t.set("gpt2.block_count", io::gguf_value::of(std::int32_t{2}));
+  t.write(dir.file("type.gguf"));
+  expect_error<lora::format_error>([&] { models::load_gpt2_gguf<float>(dir.file("type.gguf")); },
+                                   {"block_count", "INT32", "UINT32"});
+  models::gguf_vocab small = byte_vocab();
+  small.tokens.pop_back();
+  expect_error<lora::config_error>([&] { models::gpt2_gguf_writer(weights, small); }, {"257", "256"});
+  models::gpt2_gguf_options q4;
+  q4.type = io::ggml_type::q4_0;
+  auto narrow = tiny();
+  narrow.n_embd = 16;
+  narrow.n_head = 1;
+  expect_error<lora::shape_error>(
+      [&] { models::gpt2_gguf_writer(models::gpt2_weights<float>::random(narrow, 1), byte_vocab(), q4); },
+      {"16", "32"});
+}
+
+TEST(Gpt2Gguf, ModulePathsMapToTensorNamesAndBack) {
+  EXPECT_EQ(models::gpt2_gguf_name_of_module("transformer.h.0.attn.c_attn"), "blk.0.attn_qkv.weight");
+  EXPECT_EQ(models::gpt2_gguf_name_of_module("h.11.attn.c_proj"), "blk.11.attn_output.weight");
+  EXPECT_EQ(models::gpt2_gguf_name_of_module("transformer.h.3.mlp.c_fc"), "blk.3.ffn_up.weight");
+  EXPECT_EQ(models::gpt2_gguf_name_of_module("transformer.h.3.mlp.c_proj"), "blk.3.ffn_down.weight");
+  for (const char* bad : {"transformer.wte", "transformer.h.01.attn.c_attn", "transformer.h.1.attn.c_attnx",
+                          "transformer.h.x.mlp.c_fc", "h..mlp.c_fc", "transformer.h.1"}) {
+    EXPECT_FALSE(models::gpt2_gguf_name_of_module(bad)) << bad;
+  }
+  EXPECT_EQ(models::gpt2_module_of_gguf_name("blk.7.ffn_down.weight"), "transformer.h.7.mlp.c_proj");
+  EXPECT_FALSE(models::gpt2_module_of_gguf_name("blk.7.attn_norm.weight"));
+  EXPECT_FALSE(models::gpt2_module_of_gguf_name("token_embd.weight"));
+}
+
+// --- adapters --------------------------------------------------------------------------------------
+
+TEST(GgufLora, UniformScalingIsOneAlphaAndNothingIsFolded) {
+  temp_dir dir;
+  const io::peft_adapter peft = peft_adapter();
+  const auto modules = models::gpt2_peft_to_gguf_modules(peft, tiny());
+  ASSERT_EQ(modules.size(), 3u);
+  EXPECT_EQ(modules[0].base, "blk.0.attn_qkv.weight");
+  const auto report = io::write_gguf_lora(dir.file("a.gguf"), "gpt2", modules);
+  EXPECT_EQ(report.alpha, 8.0);
+  EXPECT_TRUE(report.folded.empty());
+  const io::gguf_file f = io::gguf_file::open(dir.file("a.gguf"));
+  EXPECT_EQ(f.get_string("general.type"), "adapter");
+  EXPECT_EQ(f.get_string("adapter.type"), "lora");
+  EXPECT_EQ(f.get<float>("adapter.lora.alpha"), 8.0f);
+  // lora_a is PEFT's lora_A (r x in) as stored: ne [in, r]; lora_b is lora_B (out x r): ne [r, out].
+  EXPECT_EQ(f.info("blk.0.attn_qkv.weight.lora_a").ne, (std::vector<std::uint64_t>{32, 4}));
+  EXPECT_EQ(f.info("blk.0.attn_qkv.weight.lora_b").ne, (std::vector<std::uint64_t>{4, 96}));
+  EXPECT_EQ(f.read_matrix<double>("blk.0.attn_qkv.weight.lora_a"), peft.modules[0].a.cast<float>().cast<double>());
+}
+
+TEST(GgufLora, ScalingsOneAlphaCannotExpressAreFoldedIntoB) {
+  temp_dir dir;
+  io::peft_adapter peft = peft_adapter(4, 16);  // rsLoRA with two ranks: alpha / sqrt(r) per module
+  peft.config.use_rslora = true;
+  const auto modules = models::gpt2_peft_to_gguf_modules(peft, tiny());
+  EXPECT_DOUBLE_EQ(modules[0].scaling, 8.0 / 2.0);
+  EXPECT_DOUBLE_EQ(modules[2].scaling, 8.0 / 4.0);
+  const auto report = io::write_gguf_lora(dir.file("a.gguf"), "gpt2", modules);
+  EXPECT_EQ(report.alpha, 16.0);  // 4 · 4 for the two rank-4 modules
+  EXPECT_EQ(report.folded, (std::vector<std::string>{"blk.1.ffn_up.weight"}));
+  // llama.cpp's alpha / r with the folded B gives back every module's ΔW.
+  const auto read = io::read_gguf_lora(io::gguf_file::open(dir.file("a.gguf")));
+  const auto want = deltas(modules), got = deltas(read.modules);
+  for (const auto& [name, dw] : want) {
+    EXPECT_LT((got.at(name) - dw).norm(), 1e-6 * dw.norm()) << name;
+  }
+}
+
+TEST(GgufLora, ToPeftAndBackKeepsEveryDelta) {
+  temp_dir dir;
+  io::peft_adapter peft = peft_adapter(4, 8);
+  peft.config.alpha_pattern.push_back({"attn.c_proj", 2.0});
+  const auto modules = models::gpt2_peft_to_gguf_modules(peft, tiny());
+  io::write_gguf_lora(dir.file("a.gguf"), "gpt2", modules);
+  const auto read = io::read_gguf_lora(io::gguf_file::open(dir.file("a.gguf")));
+  const io::peft_adapter back = models::gpt2_gguf_lora_to_peft(read, "base.gguf");
+  EXPECT_TRUE(back.config.fan_in_fan_out);
+  EXPECT_EQ(back.config.task_type, "CAUSAL_LM");
+  EXPECT_EQ(std::get<std::vector<std::string>>(back.config.target_modules),
+            (std::vector<std::string>{"attn.c_attn", "attn.c_proj", "mlp.c_fc"}));
+  back.save(dir.file("peft"));
+  const io::peft_adapter reloaded = io::peft_adapter::load(dir.file("peft"));
+  const auto want = deltas(modules), got = deltas(models::gpt2_peft_to_gguf_modules(reloaded, tiny()));
+  ASSERT_EQ(got.size(), want.size());
+  for (const auto& [name, dw] : want) EXPECT_LT((got.at(name) - dw).norm(), 1e-6 * dw.norm()) << name;
+}
+
+TEST(GgufLora, AlphaZeroMeansScaleOne) {
+  io::gguf_writer w;
+  w.set("general.architecture", io::gguf_value::of("gpt2"));
+  w.set("general.type", io::gguf_value::of("adapter"));
+  w.set("adapter.type", io::gguf_value::of("lora"));
+  w.add("blk.0.attn_qkv.weight.lora_a", random_matrix(2, 32, 1), io::ggml_type::f32);
+  w.add("blk.0.attn_qkv.weight.lora_b", random_matrix(96, 2, 2), io::ggml_type::f32);
+  const auto read = io::read_gguf_lora(io::gguf_file::from_bytes(w.to_bytes()));
+  EXPECT_EQ(read.alpha, 0.0);
+  EXPECT_EQ(read.modules.at(0).scaling, 1.0);
+  const auto peft = models::gpt2_gguf_lora_to_peft(read);
+  EXPECT_EQ(peft.config.lora_alpha, 2.0);  // s = alpha / r = 1
+  EXPECT_DOUBLE_EQ(peft.config.scaling_for("transformer.h.0.attn.c_attn"), 1.0);
+}
+
+TEST(GgufLora, WhatLlamaCppCannotApplyIsRefusedWithTheReason) {
+  io::peft_adapter dora = peft_adapter();
+  dora.config.use_dora = true;
+  expect_error<lora::config_error>([&] { models::gpt2_peft_to_gguf_modules(dora, tiny()); }, {"DoRA", "lora-merge"});
+  io::peft_adapter other = peft_adapter();
+  other.modules.push_back(peft_module("transformer.h.0.attn.q_proj", 32, 32, 4, 9));
+  expect_error<lora::config_error>([&] { models::gpt2_peft_to_gguf_modules(other, tiny()); }, {"q_proj", "c_attn"});
+  io::peft_adapter emb = peft_adapter();
+  emb.modules.push_back(peft_module("transformer.wte", 257, 32, 4, 9));
+  emb.modules.back().embedding = true;
+  expect_error<lora::config_error>([&] { models::gpt2_peft_to_gguf_modules(emb, tiny()); }, {"wte", "embedding"});
+  io::peft_adapter saved = peft_adapter();
+  saved.full_tensors.push_back({});
+  saved.full_tensors.back().path = "transformer.ln_f.weight";
+  expect_error<lora::config_error>([&] { models::gpt2_peft_to_gguf_modules(saved, tiny()); },
+                                   {"ln_f", "whole tensors"});
+  auto wide = tiny();
+  wide.n_embd = 64;
+  expect_error<lora::shape_error>([&] { models::gpt2_peft_to_gguf_modules(peft_adapter(), wide); },
+                                  {"transformer.h.0.attn.c_attn", "in 64"});
+  auto shallow = tiny();
+  shallow.n_layer = 1;
+  expect_error<lora::shape_error>([&] { models::gpt2_peft_to_gguf_modules(peft_adapter(), shallow); },
+                                  {"transformer.h.1.mlp.c_fc", "1 layers"});
+  auto mods = models::gpt2_peft_to_gguf_modules(peft_adapter(), tiny());
+  temp_dir dir;
+  expect_error<lora::shape_error>([&] { io::write_gguf_lora(dir.file("q.gguf"), "gpt2", mods, io::ggml_type::q8_0); },
+                                  {"lora_b", "4", "32"});
+  EXPECT_EQ(dir.entries(), 0u);  // nothing half-written
+}
+
+/// A GGUF adapter image with the given tensors (base name -> (a, b)) and metadata overrides.
+std::vector<unsigned char> adapter_image(const std::vector<std::string>& names, const std::string& type = "adapter",
+                                         const std::string& arch = "gpt2") {
+  io::gguf_writer w;
+  w.set("general.architecture", io::gguf_value::of(arch));
+  w.set("general.type", io::gguf_value::of(type));
+  w.set("adapter.type", io::gguf_value::of("lora"));
+  w.set("adapter.lora.alpha", io::gguf_value::of(4.0f));
+  for (const auto& n : names)
+    w.add(n, random_matrix(n.back() == 'a' ? 2 : 96, n.back() == 'a' ? 32 : 2, 1), io::ggml_type::f32);
+  return w.to_bytes();
+}
+
+TEST(GgufLora, MalformedAdaptersAreRefusedNamingTheTensor) {
+  const std::string qkv = "blk.0.attn_qkv.weight";
+  auto read = [](const std::vector<unsigned char>& b, const io::gguf_file* base = nullptr) {
+    return io::read_gguf_lora(io::gguf_file::from_bytes(b, "adapter.gguf"), base);
+  };
+  expect_error<lora::format_error>([&] { read(adapter_image({qkv + ".lora_a"})); }, {"no partner", qkv + ".lora_b"});
+  expect_error<lora::format_error>([&] { read(adapter_image({qkv + ".lora_b"})); }, {"no partner", qkv + ".lora_a"});
+  expect_error<lora::format_error>(
+      [&] {
+        read(adapter_image({qkv + ".lora_a", qkv + ".lora_b"}, "model"));
+      },
+      {"general.type", "\"model\""});
+  expect_error<lora::format_error>([&] { read(adapter_image({"blk.0.attn_qkv.weight"})); }, {"neither", "lora_a"});
+  expect_error<lora::format_error>(
+      [&] {
+        read(adapter_image({"token_embd.weight.lora_a", "token_embd.weight.lora_b"}));
+      },
+      {"token_embd"});
+  const auto norms = read(adapter_image({qkv + ".lora_a", qkv + ".lora_b", "blk.0.attn_norm.weight.lora_a"}));
+  EXPECT_EQ(norms.ignored, (std::vector<std::string>{"blk.0.attn_norm.weight.lora_a"}));
+  // Against a base: the adapted tensor must exist with ne [in, out], and the architecture must agree.
+  const auto weights = models::gpt2_weights<float>::random(tiny(), 4);
+  const io::gguf_file base = io::gguf_file::from_bytes(models::gpt2_gguf_writer(weights, byte_vocab()).to_bytes(), "b");
+  EXPECT_EQ(read(adapter_image({qkv + ".lora_a", qkv + ".lora_b"}), &base).modules.size(), 1u);
+  const std::string out = "blk.0.attn_output.weight";
+  expect_error<lora::format_error>(
+      [&] {
+        read(adapter_image({out + ".lora_a", out + ".lora_b"}), &base);
+      },
+      {out, "[32, 32]", "96 x 32"});
+  expect_error<lora::format_error>(
+      [&] {
+        read(adapter_image({"blk.9.attn_qkv.weight.lora_a", "blk.9.attn_qkv.weight.lora_b"}), &base);
+      },
+      {"blk.9.attn_qkv.weight", "does not have"});
+  expect_error<lora::format_error>(
+      [&] {
+        read(adapter_image({qkv + ".lora_a", qkv + ".lora_b"}, "adapter", "llama"), &base);
+      },
+      {"\"llama\"", "\"gpt2\""});
+}
+
+// --- merging ---------------------------------------------------------------------------------------
+
+TEST(GgufLora, MergeChangesOnlyTheAdaptedTensorsAndKeepsTheirType) {
+  temp_dir dir;
+  const auto weights = models::gpt2_weights<float>::random(tiny(), 5);
+  models::gpt2_gguf_options q8;
+  q8.type = io::ggml_type::q8_0;
+  models::gpt2_gguf_writer(weights, byte_vocab(), q8).write(dir.file("base.gguf"));
+  const io::gguf_file base = io::gguf_file::open(dir.file("base.gguf"));
+  const auto modules = models::gpt2_peft_to_gguf_modules(peft_adapter(), tiny());
+  io::gguf_merge_options options;
+  options.scale = 0.5;
+  const auto report = io::merge_gguf(base, modules, dir.file("merged.gguf"), options);
+  EXPECT_EQ(report.merged.size(), 3u);
+  EXPECT_EQ(report.copied, 25u);
+  const io::gguf_file merged = io::gguf_file::open(dir.file("merged.gguf"));
+  EXPECT_EQ(merged.metadata(), base.metadata());
+  for (const auto& t : base.tensors()) {
+    const auto& u = merged.info(t.name);
+    EXPECT_EQ(u.type, t.type) << t.name;
+    if (std::find(report.merged.begin(), report.merged.end(), t.name) != report.merged.end()) continue;
+    const auto a = base.raw(t.name), b = merged.raw(t.name);
+    EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end())) << t.name;
+  }
+  const auto& m = modules[0];
+  const lora::matrix<double> want = base.read_matrix<double>(m.base) + 0.5 * m.scaling * m.b * m.a;
+  const lora::matrix<double> got = merged.read_matrix<double>(m.base);
+  EXPECT_LE((got - want).cwiseAbs().maxCoeff(), want.cwiseAbs().maxCoeff() / 127);  // one Q8_0 step
+  options.out_type = io::ggml_type::f32;
+  io::merge_gguf(base, modules, dir.file("merged32.gguf"), options);
+  const io::gguf_file f32 = io::gguf_file::open(dir.file("merged32.gguf"));
+  EXPECT_EQ(f32.info(m.base).type, io::ggml_type::f32);
+  EXPECT_LT((f32.read_matrix<double>(m.base) - want).cwiseAbs().maxCoeff(), 1e-5);
+}
+
+TEST(GgufLora, MergeRefusesUnknownTensorsAndNonFiniteResults) {
+  temp_dir dir;
+  const auto weights = models::gpt2_weights<float>::random(tiny(), 6);
+  const io::gguf_file base = io::gguf_file::from_bytes(models::gpt2_gguf_writer(weights, byte_vocab()).to_bytes(), "b");
+  auto modules = models::gpt2_peft_to_gguf_modules(peft_adapter(), tiny());
+  auto unknown = modules;
+  unknown[0].base = "blk.5.attn_qkv.weight";
+  expect_error<lora::name_error>([&] { io::merge_gguf(base, unknown, dir.file("x.gguf")); }, {"blk.5.attn_qkv.weight"});
+  auto huge = modules;
+  huge[1].scaling = 1e300;
+  huge[1].b *= 1e300;
+  expect_error<lora::numeric_error>([&] { io::merge_gguf(base, huge, dir.file("x.gguf")); },
+                                    {"attn_output", "non-finite"});
+  auto vec = modules;
+  vec[0].base = "output_norm.weight";
+  expect_error<lora::shape_error>([&] { io::merge_gguf(base, vec, dir.file("x.gguf")); },
+                                  {"output_norm.weight", "not a matrix"});
+  EXPECT_EQ(dir.entries(), 0u);
+}
+
+}  // namespace
