@@ -147,13 +147,16 @@ const ours = readOurs(o.ours);
 const {getLlama, LlamaLogLevel} = await import(pathToFileURL(path.join(o.package, "dist/index.js")).href).catch(
     (e) => fail(`cannot load node-llama-cpp from ${o.package}: ${e.message}`));
 
-const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error, progressLogs: false});
+// One thread: the models are tiny, and llama.cpp's threads spin while they wait, which on a loaded
+// machine (ctest -j) made a check take 10 s instead of 1.
+const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error, progressLogs: false, maxThreads: 1});
 const model = await llama.loadModel({modelPath: path.resolve(o.model)});
 const n = ours.tokens.length, k = ours.greedy.length;
 const kv = o.kvCache === "f32" ? "F32" : "F16";
 const context = await model.createContext({
   contextSize: n + k + 1,
   sequences: 1,
+  threads: 1,
   flashAttention: false,
   experimentalKvCacheKeyType: kv,
   experimentalKvCacheValueType: kv,

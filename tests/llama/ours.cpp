@@ -1,12 +1,15 @@
 // tests/llama/ours.cpp: what this library predicts for a GPT-2 folder (and PEFT adapters on it), for
 // check.mjs to compare with llama.cpp running the GGUF export of the same files.
 //
-//   lora_llama_reference --model HF_DIR [--adapter PEFT_DIR [--scale S]]... --tokens-from TEXTFILE
-//                        --count N [--greedy K] --out ours.json [--double]
+//   lora_llama_reference --model HF_DIR|MODEL.gguf [--tokenizer DIR] [--adapter PEFT_DIR [--scale S]]...
+//                        --tokens-from TEXTFILE --count N [--greedy K] --out ours.json [--double]
 //
-// The text file is tokenized with the model folder's tokenizer (tokenizer::from_folder: the byte
-// tokenizer for a vocabulary of 257, where token k is byte k; GPT-2's BPE when the folder holds
-// vocab.json and merges.txt) and its first N tokens t_0 .. t_{N-1} are the prompt. The program writes
+// The model is a Hugging Face folder, or a GGUF file whose weights are dequantized (models/gpt2_gguf.hpp):
+// then the comparison with llama.cpp running the same file sees only how the two compute, not how the
+// weights were rounded. The text file is tokenized with the tokenizer of the --tokenizer folder (default:
+// the model folder; tokenizer::from_folder: the byte tokenizer for a vocabulary of 257, where token k is
+// byte k; GPT-2's BPE when the folder holds vocab.json and merges.txt; a GGUF model without --tokenizer
+// takes the byte tokenizer) and its first N tokens t_0 .. t_{N-1} are the prompt. The program writes
 //   {"tokens": [t_0 ..], "logprobs": [[log p(v | t_0..t_i) for v in 0..V-1] for i in 0..N-1],
 //    "greedy": [g_0 .. g_{K-1}],
 //    "greedy_logprobs": [[log p(v | t_0..t_{N-1} g_0..g_{j-1}) for v in 0..V-1] for j in 1..K-1]}
@@ -25,11 +28,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
 #include <lora/io/peft.hpp>
 #include <lora/models/gpt2.hpp>
+#include <lora/models/gpt2_gguf.hpp>
 #include <lora/models/gpt2_infer.hpp>
 #include <lora/models/gpt2_io.hpp>
 #include <lora/models/tokenizer.hpp>
@@ -41,15 +47,18 @@
 namespace {
 
 const char* const kUsage =
-    "usage: lora_llama_reference --model HF_DIR [--adapter PEFT_DIR [--scale S]]... --tokens-from TEXTFILE\n"
-    "                            --count N [--greedy K] --out OURS_JSON [--double]\n"
+    "usage: lora_llama_reference --model HF_DIR|MODEL.gguf [--tokenizer DIR] [--adapter PEFT_DIR [--scale S]]...\n"
+    "                            --tokens-from TEXTFILE --count N [--greedy K] --out OURS_JSON [--double]\n"
     "\n"
     "Writes what this library predicts for the first N tokens of TEXTFILE (tokenized with the model folder's\n"
     "tokenizer) as JSON: {\"tokens\": [N ids], \"logprobs\": [N rows of V log-probabilities of the next token],\n"
     "\"greedy\": [K ids of the greedy continuation, argmax with the lowest id on ties, through the KV cache],\n"
     "\"greedy_logprobs\": [K-1 rows: the distributions greedy tokens 1..K-1 were chosen from]}.\n"
     "\n"
-    "  --model HF_DIR        Hugging Face GPT-2 folder (config.json, model.safetensors)\n"
+    "  --model HF_DIR|FILE   Hugging Face GPT-2 folder (config.json, model.safetensors), or a GGUF file\n"
+    "                        (its weights dequantized)\n"
+    "  --tokenizer DIR       the folder whose tokenizer encodes the text (default: the model folder; for a\n"
+    "                        GGUF model, the byte tokenizer)\n"
     "  --adapter PEFT_DIR    PEFT LoRA adapter folder; repeat for several adapters, all active at once\n"
     "  --scale S             multiplies the preceding adapter's delta W by S (default 1)\n"
     "  --tokens-from FILE    text whose first N tokens are the prompt\n"
@@ -65,7 +74,7 @@ struct adapter_option {
 };
 
 struct options {
-  std::string model_dir, text_path, out_path;
+  std::string model_dir, tokenizer_dir, text_path, out_path;
   std::vector<adapter_option> adapters;
   long count = 0;
   long greedy = 32;
@@ -106,13 +115,15 @@ options parse_options(int argc, char** argv) {
       continue;
     }
     if (i + 1 >= argc)
-      usage_error(flag == "--model" || flag == "--adapter" || flag == "--scale" || flag == "--tokens-from" ||
-                          flag == "--count" || flag == "--greedy" || flag == "--out"
+      usage_error(flag == "--model" || flag == "--tokenizer" || flag == "--adapter" || flag == "--scale" ||
+                          flag == "--tokens-from" || flag == "--count" || flag == "--greedy" || flag == "--out"
                       ? flag + " needs a value"
                       : "unknown flag '" + flag + "'");
     const std::string value = argv[++i];
     if (flag == "--model") {
       o.model_dir = value;
+    } else if (flag == "--tokenizer") {
+      o.tokenizer_dir = value;
     } else if (flag == "--adapter") {
       o.adapters.push_back({value, 1.0});
     } else if (flag == "--scale") {
@@ -155,17 +166,14 @@ void attach_adapters(lora::models::gpt2<Scalar>& model, const std::vector<adapte
   model.train(false);
 }
 
-/// log-softmax of one column of logits, in double.
+/// log-softmax of one column of logits, in double: x − max − log Σ exp(x − max).
 template <typename Column>
 std::vector<double> log_softmax(const Column& logits) {
-  const auto n = static_cast<std::size_t>(logits.size());
-  std::vector<double> out(n);
-  double max = -INFINITY;
-  for (std::size_t v = 0; v < n; ++v) max = std::max(max, static_cast<double>(logits(static_cast<Eigen::Index>(v))));
-  double sum = 0.0;
-  for (std::size_t v = 0; v < n; ++v) sum += std::exp(static_cast<double>(logits(static_cast<Eigen::Index>(v))) - max);
-  const double log_z = max + std::log(sum);
-  for (std::size_t v = 0; v < n; ++v) out[v] = static_cast<double>(logits(static_cast<Eigen::Index>(v))) - log_z;
+  const Eigen::VectorXd x = logits.template cast<double>();
+  const double max = x.maxCoeff();
+  const double log_z = max + std::log((x.array() - max).exp().sum());
+  std::vector<double> out(static_cast<std::size_t>(x.size()));
+  Eigen::VectorXd::Map(out.data(), x.size()) = x.array() - log_z;
   return out;
 }
 
@@ -180,8 +188,16 @@ std::int32_t argmax(const Column& logits) {
 
 template <typename Scalar>
 nlohmann::json predict(const options& o) {
-  auto checkpoint = lora::models::load_gpt2<Scalar>(o.model_dir);
-  const auto tok = lora::models::tokenizer::from_folder(o.model_dir, checkpoint.config.vocab_size);
+  const bool gguf = std::filesystem::is_regular_file(o.model_dir);
+  auto checkpoint =
+      gguf ? lora::models::load_gpt2_gguf<Scalar>(o.model_dir) : lora::models::load_gpt2<Scalar>(o.model_dir);
+  const std::string tokenizer_dir = !o.tokenizer_dir.empty() ? o.tokenizer_dir : gguf ? std::string() : o.model_dir;
+  const lora::models::tokenizer tok =
+      tokenizer_dir.empty() ? lora::models::tokenizer(lora::models::byte_tokenizer{})
+                            : lora::models::tokenizer::from_folder(tokenizer_dir, checkpoint.config.vocab_size);
+  if (tok.vocab_size() > checkpoint.config.vocab_size)
+    throw lora::config_error("the tokenizer has " + std::to_string(tok.vocab_size()) + " tokens, the model only " +
+                             std::to_string(checkpoint.config.vocab_size));
   std::ifstream in(o.text_path, std::ios::binary);
   if (!in) throw lora::io_error("cannot read '" + o.text_path + "'");
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -224,7 +240,7 @@ int main(int argc, char** argv) {
     out << result.dump() << '\n';
     out.close();
     if (!out) throw lora::io_error("cannot write '" + o.out_path + "'");
-  } catch (const lora::error& e) {
+  } catch (const std::exception& e) {  // lora::error and the rest (nlohmann::json, allocation)
     std::cerr << "lora_llama_reference: " << e.what() << '\n';
     return 2;
   }
