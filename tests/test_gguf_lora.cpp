@@ -165,6 +165,40 @@ TEST(Gpt2Gguf, LoadingRefusesWhatIsNotThisModel) {
       {"16", "32"});
 }
 
+TEST(Gpt2Gguf, GgufModelsBecomeHuggingFaceFoldersWithTheirBpeVocabulary) {
+  temp_dir dir;
+  // A small BPE: the 256 byte tokens, "he" from the merge "h e", and <|endoftext|>.
+  models::gguf_vocab bpe = byte_vocab();
+  bpe.tokens.back() = "he";
+  bpe.tokens.push_back("<|endoftext|>");
+  bpe.eot = 257;
+  bpe.merges = {"h e"};
+  bpe.bpe = true;
+  auto config = tiny();
+  config.vocab_size = 258;
+  const auto weights = models::gpt2_weights<float>::random(config, 7);
+  models::gpt2_gguf_options f16;
+  f16.type = io::ggml_type::f16;
+  models::gpt2_gguf_writer(weights, bpe, f16).write(dir.file("m.gguf"));
+  EXPECT_EQ(io::gguf_file::open(dir.file("m.gguf")).get_string("tokenizer.ggml.pre"), "gpt-2");
+  models::convert_gguf_to_gpt2(dir.file("m.gguf"), dir.file("hf"));
+  const auto hf = models::load_gpt2<float>(dir.file("hf"));
+  EXPECT_EQ(hf.config.vocab_size, 258);
+  EXPECT_EQ(hf.weights.wpe(), weights.wpe().cast<Eigen::half>().cast<float>());  // F16 in the GGUF file
+  const auto tok = models::tokenizer::from_folder(dir.file("hf"), 258);
+  ASSERT_TRUE(tok.is_bpe());
+  EXPECT_EQ(tok.encode("he"), (std::vector<std::int32_t>{256}));
+  EXPECT_EQ(tok.eot_id(), 257);
+  // And back: the folder converts to the same GGUF vocabulary.
+  const models::gguf_vocab again = models::gguf_vocab_from_folder(dir.file("hf"), 258);
+  EXPECT_EQ(again.tokens, bpe.tokens);
+  EXPECT_EQ(again.merges, bpe.merges);
+  // The byte vocabulary writes no tokenizer files: the folder reads as the byte tokenizer.
+  models::gpt2_gguf_writer(models::gpt2_weights<float>::random(tiny(), 8), byte_vocab()).write(dir.file("b.gguf"));
+  models::convert_gguf_to_gpt2(dir.file("b.gguf"), dir.file("hf_bytes"));
+  EXPECT_FALSE(models::tokenizer::from_folder(dir.file("hf_bytes"), 257).is_bpe());
+}
+
 TEST(Gpt2Gguf, ModulePathsMapToTensorNamesAndBack) {
   EXPECT_EQ(models::gpt2_gguf_name_of_module("transformer.h.0.attn.c_attn"), "blk.0.attn_qkv.weight");
   EXPECT_EQ(models::gpt2_gguf_name_of_module("h.11.attn.c_proj"), "blk.11.attn_output.weight");

@@ -5,6 +5,7 @@
 //   lora-gguf model   HF_DIR   --out model.gguf   [--type f32|f16|bf16|q8_0|q4_0]
 //   lora-gguf adapter PEFT_DIR --base HF_DIR|model.gguf --out adapter.gguf [--type f32|f16|bf16|q8_0]
 //   lora-gguf to-peft adapter.gguf --base model.gguf|HF_DIR --out PEFT_DIR
+//   lora-gguf to-hf   model.gguf --out HF_DIR
 //   lora-gguf info FILE.gguf
 #include <cstdio>
 #include <exception>
@@ -40,6 +41,9 @@ const char* const usage =
     "  lora-gguf to-peft ADAPTER.gguf --base MODEL.gguf|HF_DIR --out PEFT_DIR\n"
     "      A llama.cpp LoRA adapter for GPT-2 as a PEFT adapter folder, checked against the base, to load,\n"
     "      train further or merge here (or in PEFT).\n"
+    "  lora-gguf to-hf MODEL.gguf --out HF_DIR\n"
+    "      A GPT-2 GGUF model (any of the types above, dequantized) as a Hugging Face folder: config.json,\n"
+    "      model.safetensors (f32), vocab.json + merges.txt for a BPE vocabulary; gpt2_finetune trains on it.\n"
     "  lora-gguf info FILE.gguf\n"
     "      The metadata and tensors of any GGUF file.\n"
     "\n"
@@ -53,7 +57,7 @@ struct arguments {
 
 arguments parse(int argc, char** argv) {
   arguments a;
-  if (argc < 2) throw usage_error{"a verb is required: model, adapter, to-peft or info"};
+  if (argc < 2) throw usage_error{"a verb is required: model, adapter, to-peft, to-hf or info"};
   a.verb = argv[1];
   if (a.verb == "--help" || a.verb == "-h") {
     a.help = true;
@@ -158,6 +162,16 @@ int do_to_peft(const arguments& a) {
   return 0;
 }
 
+int do_to_hf(const arguments& a) {
+  require(a, false, true);
+  models::convert_gguf_to_gpt2(a.input, a.out);
+  const models::gpt2_config c = models::read_gpt2_config(a.out + "/config.json");
+  std::printf("wrote %s: GPT-2, %lld layers, d %lld, vocabulary %lld\n", a.out.c_str(),
+              static_cast<long long>(c.n_layer), static_cast<long long>(c.n_embd),
+              static_cast<long long>(c.vocab_size));
+  return 0;
+}
+
 int do_info(const arguments& a) {
   require(a, false, false);
   const io::gguf_file f = io::gguf_file::open(a.input);
@@ -195,8 +209,10 @@ int main(int argc, char** argv) {
     if (args.verb == "model") return do_model(args);
     if (args.verb == "adapter") return do_adapter(args);
     if (args.verb == "to-peft") return do_to_peft(args);
+    if (args.verb == "to-hf") return do_to_hf(args);
     if (args.verb == "info") return do_info(args);
-    lora_cli::print_error("lora-gguf", "unknown verb '" + args.verb + "' (expected model, adapter, to-peft or info)");
+    lora_cli::print_error("lora-gguf",
+                          "unknown verb '" + args.verb + "' (expected model, adapter, to-peft, to-hf or info)");
     return 2;
   } catch (const usage_error& e) {
     lora_cli::print_error("lora-gguf", e.message + " (see --help)");

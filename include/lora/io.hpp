@@ -1,4 +1,4 @@
-// <lora/io.hpp>: every file format of the library (docs/CONVENTIONS.md §safetensors, §peft). Needs
+// <lora/io.hpp>: every file format of the library (docs/CONVENTIONS.md §safetensors, §peft, §gguf). Needs
 // nlohmann/json besides Eigen (link lora::io); POSIX only.
 //
 //   lora::io::safetensors_file, safetensors_writer, safetensors_stream_writer   safetensors files
@@ -6,6 +6,7 @@
 //   lora::io::merge_checkpoint                                                  PEFT's merge_and_unload
 //   lora::io::save_checkpoint, load_checkpoint                                  training checkpoints
 //   lora::io::write_file_atomically, atomic_file                                temporary, fsync, rename
+//   lora::io::gguf_file, gguf_writer, read_gguf_lora, merge_gguf                llama.cpp's GGUF
 #pragma once
 
 #include "io/atomic_file.hpp"

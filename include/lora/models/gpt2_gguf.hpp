@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -91,6 +92,17 @@ gpt2_config read_gpt2_gguf_config(const io::gguf_file& file);
 /// (format_error naming the tensor otherwise).
 template <typename Scalar>
 gpt2_checkpoint<Scalar> load_gpt2_gguf(const std::string& path);
+
+/// The vocabulary a GPT-2 GGUF carries (tokenizer.ggml.tokens, .merges, .eos_token_id); format_error when
+/// the keys are missing or of the wrong type, or the tokenizer model is not "gpt2".
+gguf_vocab read_gguf_vocab(const io::gguf_file& file);
+/// Writes a GGUF vocabulary as Hugging Face's tokenizer files: DIR/vocab.json and DIR/merges.txt for a BPE
+/// vocabulary (atomically), nothing for the 257-token byte vocabulary (tokenizer::from_folder picks the
+/// byte tokenizer for a folder without them).
+void save_gguf_vocab(const std::string& dir, const gguf_vocab& vocab);
+/// The GPT-2 GGUF model `gguf_path` as a Hugging Face folder (config.json, model.safetensors in F32 and the
+/// tokenizer files), so that a model served with llama.cpp can be fine-tuned here.
+void convert_gguf_to_gpt2(const std::string& gguf_path, const std::string& hf_dir);
 
 /// The LoRA modules of a PEFT adapter on GPT-2, with their scalings, for io::write_gguf_lora. Refuses,
 /// naming the module and saying why: DoRA (llama.cpp has no magnitude vectors: merge instead), lora_B
@@ -294,6 +306,40 @@ gpt2_checkpoint<Scalar> load_gpt2_gguf(const std::string& path) {
     }
   }
   return out;
+}
+
+inline gguf_vocab read_gguf_vocab(const io::gguf_file& f) {
+  if (f.get_string("tokenizer.ggml.model") != "gpt2")
+    throw format_error(lora::detail::cat("GGUF file '", f.path(), "': tokenizer.ggml.model is \"",
+                                         f.get_string("tokenizer.ggml.model"), "\", expected \"gpt2\""));
+  gguf_vocab v;
+  v.tokens = f.value("tokenizer.ggml.tokens").strings();
+  if (f.has("tokenizer.ggml.merges")) v.merges = f.value("tokenizer.ggml.merges").strings();
+  v.bpe = !v.merges.empty();
+  const auto eot = std::find(v.tokens.begin(), v.tokens.end(), "<|endoftext|>");
+  if (eot == v.tokens.end())
+    throw format_error(lora::detail::cat("GGUF file '", f.path(), "': the vocabulary has no <|endoftext|> token"));
+  v.eot = static_cast<std::int32_t>(eot - v.tokens.begin());
+  return v;
+}
+
+inline void save_gguf_vocab(const std::string& dir, const gguf_vocab& vocab) {
+  if (!vocab.bpe) return;
+  nlohmann::ordered_json json = nlohmann::ordered_json::object();
+  for (std::size_t id = 0; id < vocab.tokens.size(); ++id) json[vocab.tokens[id]] = id;
+  std::string merges = "#version: 0.2\n";
+  for (const std::string& m : vocab.merges) merges += m + "\n";
+  std::filesystem::create_directories(dir);
+  io::write_file_atomically(std::filesystem::path(dir) / "vocab.json", json.dump());
+  io::write_file_atomically(std::filesystem::path(dir) / "merges.txt", merges);
+}
+
+inline void convert_gguf_to_gpt2(const std::string& gguf_path, const std::string& hf_dir) {
+  const gpt2_checkpoint<float> model = load_gpt2_gguf<float>(gguf_path);
+  const gguf_vocab vocab = read_gguf_vocab(io::gguf_file::open(gguf_path));
+  save_gpt2(hf_dir, model.weights);
+  save_gguf_vocab(hf_dir, vocab);
+  (void)tokenizer::from_folder(hf_dir, model.config.vocab_size);  // the folder must load as it will be used
 }
 
 inline std::vector<io::gguf_lora_module> gpt2_peft_to_gguf_modules(const io::peft_adapter& adapter,

@@ -1,0 +1,71 @@
+# The GGUF path end to end without llama.cpp (ctest tools.lora_gguf.roundtrip): the byte-level base and a
+# LoRA adapter of the fixture gpt2_smoke go through lora-gguf and lora-merge, and gpt2_finetune's eval
+# must give the same bits per byte at every step.
+#   cmake -DGGUF=lora-gguf -DMERGE=lora-merge -DPROGRAM=gpt2_finetune -DSMOKE=dir -DTEXT=file -DWORK=dir
+#         -P gguf_roundtrip.cmake
+cmake_policy(VERSION 3.16)
+file(REMOVE_RECURSE "${WORK}")
+file(MAKE_DIRECTORY "${WORK}")
+
+function(run name)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${name}: '${ARGN}' exited ${rc}\n${out}\n${err}")
+  endif()
+  set(${name}_out "${out}" PARENT_SCOPE)
+endfunction()
+
+# bpb(NAME DIGITS args...): gpt2_finetune eval --json; sets NAME to bits_per_byte cut to DIGITS decimals.
+function(bpb name digits)
+  run(eval "${PROGRAM}" eval ${ARGN} --text "${TEXT}" --json)
+  string(REGEX MATCH "\"bits_per_byte\":([0-9]+\\.[0-9]+)" m "${eval_out}")
+  if(m STREQUAL "")
+    message(FATAL_ERROR "${name}: eval printed ${eval_out}")
+  endif()
+  string(SUBSTRING "${CMAKE_MATCH_1}" 0 ${digits} v)
+  message(STATUS "${name}: ${CMAKE_MATCH_1}")
+  set(${name} "${v}" PARENT_SCOPE)
+endfunction()
+
+function(expect_equal what a b)
+  if(NOT a STREQUAL b)
+    message(FATAL_ERROR "${what}: ${a} != ${b}")
+  endif()
+endfunction()
+
+set(base "${SMOKE}/base")
+set(lora "${SMOKE}/lora")
+run(model "${GGUF}" model "${base}" --out "${WORK}/model.gguf")
+run(adapter "${GGUF}" adapter "${lora}" --base "${base}" --out "${WORK}/lora.gguf")
+run(to_peft "${GGUF}" to-peft "${WORK}/lora.gguf" --base "${WORK}/model.gguf" --out "${WORK}/peft")
+run(info "${GGUF}" info "${WORK}/lora.gguf")
+if(NOT info_out MATCHES "adapter.lora.alpha")
+  message(FATAL_ERROR "lora-gguf info printed:\n${info_out}")
+endif()
+
+bpb(with_lora 8 --model "${base}" --adapter "${lora}")
+bpb(back 8 --model "${base}" --adapter "${WORK}/peft")
+expect_equal("PEFT -> GGUF -> PEFT changed the adapter" "${with_lora}" "${back}")
+
+# The base through GGUF and back (F32): the same model.
+run(to_hf "${GGUF}" to-hf "${WORK}/model.gguf" --out "${WORK}/base_hf")
+bpb(base_only 8 --model "${base}")
+bpb(base_back 8 --model "${WORK}/base_hf")
+expect_equal("HF -> GGUF -> HF changed the base" "${base_only}" "${base_back}")
+
+if(base_only STREQUAL with_lora)
+  message(FATAL_ERROR "the adapter does not change the model: the checks below could not see a lost adapter")
+endif()
+
+# Merged in GGUF (with the GGUF adapter, and with the PEFT folder), back to HF: merged = unmerged, to the
+# float rounding of the merge (7 decimals of bits per byte; the adapter itself moves the 3rd).
+bpb(with_lora5 9 --model "${base}" --adapter "${lora}")
+foreach(adapter IN ITEMS "${WORK}/lora.gguf" "${lora}")
+  run(merge "${MERGE}" --base "${WORK}/model.gguf" --adapter "${adapter}" --out "${WORK}/merged.gguf" --quiet)
+  if(NOT merge_out MATCHES "merged 8 LoRA modules into 8 tensors, copied 20 unchanged")
+    message(FATAL_ERROR "lora-merge printed: ${merge_out}")
+  endif()
+  run(merged_hf "${GGUF}" to-hf "${WORK}/merged.gguf" --out "${WORK}/merged_hf")
+  bpb(merged 9 --model "${WORK}/merged_hf")
+  expect_equal("merged in GGUF (${adapter}) != unmerged" "${with_lora5}" "${merged}")
+endforeach()
