@@ -1,9 +1,10 @@
 # One llama.cpp check of a GGUF export (ctest llama.*, registered by tests/llama/CMakeLists.txt):
 #   cmake -DMODE=<mode> -DGGUF=lora-gguf -DREFERENCE=lora_llama_reference -DNODE=node -DCHECK=check.mjs
-#         -DPACKAGE=node_modules/node-llama-cpp -DSMOKE=<examples' gpt2_smoke folder> -DTEXT=file -DWORK=dir
+#         -DPACKAGE=node_modules/node-llama-cpp -DMODEL=<model folder> -DTEXT=file -DWORK=dir
 #         -P llama_check.cmake
-# SMOKE holds the fixture gpt2_smoke: a byte-level base (base/) and PEFT adapters (lora/, half/). The first
-# 32 bytes of TEXT are the prompt; 32 greedy tokens follow (32 + 31 positions fit the base's 64).
+# MODEL holds the fixture llama_model (make_fixture.cmake): a byte-level base trained by gpt2_finetune (base/)
+# and two PEFT adapters (lora/: r 4; half/: r 8, rsLoRA). The first 32 bytes of TEXT are the prompt; 32
+# greedy tokens follow (32 + 31 positions fit the base's 128).
 # Modes:
 #   model    base exported as F32: max |delta log p| <= 1e-3 and the greedy tokens all agree
 #   adapter  one adapter (lora, scale 1): the same; and llama.cpp without the adapter must fail the
@@ -25,16 +26,19 @@ endif()
 file(REMOVE_RECURSE "${WORK}")
 file(MAKE_DIRECTORY "${WORK}")
 set(prompt --tokens-from "${TEXT}" --count 32 --greedy 32)
+# F32: measured max |delta log p| 7.6e-4 on the fixture. Nearly all of it is llama.cpp's GELU, which its CPU
+# backend reads from a table of fp16 values indexed by fp16(x): with our GELU rounded the same way (a
+# throwaway build of lora_llama_reference) the difference falls to 2.4e-5.
 set(tol 1e-3)
 # Quantized exports. llama.cpp's CPU matmuls with Q8_0 or Q4_0 weights also round the activations they
 # multiply to Q8_0 blocks, which ours never does, so even the same (dequantized) weights do not give the
-# same log-probabilities. Measured on the fixture's base, max |delta log p| over the prompt and the
-# greedy steps: Q8_0 3.8e-3 against ours in F32, 2.4e-3 against ours on the dequantized Q8_0 weights,
-# Q4_0 2.0e-3 against ours on the dequantized Q4_0 weights (4.6e-2 against F32). The tolerances leave
-# 2.5x room and stay far below what a wrong layout gives (measured with a deliberately broken writer:
-# Q4_0 nibbles swapped 0.79, Q8_0 scales 25% off 0.20).
-set(Q8_TOL 1e-2)
-set(DEQUANTIZED_TOL 5e-3)
+# same log-probabilities. Measured on the fixture's base (make_fixture.cmake), max |delta log p| over the
+# prompt and the greedy steps: Q8_0 6.0e-2 against ours in F32, 4.3e-2 against ours on the dequantized
+# Q8_0 weights, Q4_0 3.6e-2 against ours on the dequantized Q4_0 weights (0.50 against F32). The
+# tolerances leave 2.3-2.5x room and stay well below what a wrong file gives: every Q8_0 scale 2% too
+# large gives 0.22, 5% 0.55, 10% 1.1 (measured by editing the exported file); a wrong layout gives more.
+set(Q8_TOL 0.15)
+set(DEQUANTIZED_TOL 0.1)
 
 # run(NAME program args...): fails unless the program exits 0.
 function(run name)
@@ -64,7 +68,7 @@ function(check_fails why)
   endif()
 endfunction()
 
-set(base_dir "${SMOKE}/base")
+set(base_dir "${MODEL}/base")
 set(model_gguf "${WORK}/model.gguf")
 if(MODE STREQUAL "q8_0" OR MODE STREQUAL "q4_0")
   run(export "${GGUF}" model "${base_dir}" --out "${model_gguf}" --type ${MODE})
@@ -81,8 +85,8 @@ elseif(MODE STREQUAL "q8_0")
   run(ours "${REFERENCE}" --model "${base_dir}" ${prompt} --out "${WORK}/ours.json")
   check(--ours "${WORK}/ours.json" --model "${model_gguf}" --tol ${Q8_TOL})
 elseif(MODE STREQUAL "adapter" OR MODE STREQUAL "to_peft")
-  run(export_adapter "${GGUF}" adapter "${SMOKE}/lora" --base "${base_dir}" --out "${WORK}/lora.gguf" --type f32)
-  set(adapter_dir "${SMOKE}/lora")
+  run(export_adapter "${GGUF}" adapter "${MODEL}/lora" --base "${base_dir}" --out "${WORK}/lora.gguf" --type f32)
+  set(adapter_dir "${MODEL}/lora")
   if(MODE STREQUAL "to_peft")
     run(to_peft "${GGUF}" to-peft "${WORK}/lora.gguf" --base "${model_gguf}" --out "${WORK}/peft")
     set(adapter_dir "${WORK}/peft")
@@ -94,9 +98,9 @@ elseif(MODE STREQUAL "adapter" OR MODE STREQUAL "to_peft")
   endif()
 elseif(MODE STREQUAL "two")
   foreach(a lora half)
-    run(export_${a} "${GGUF}" adapter "${SMOKE}/${a}" --base "${base_dir}" --out "${WORK}/${a}.gguf" --type f32)
+    run(export_${a} "${GGUF}" adapter "${MODEL}/${a}" --base "${base_dir}" --out "${WORK}/${a}.gguf" --type f32)
   endforeach()
-  run(ours "${REFERENCE}" --model "${base_dir}" --adapter "${SMOKE}/lora" --scale 0.5 --adapter "${SMOKE}/half" --scale 1
+  run(ours "${REFERENCE}" --model "${base_dir}" --adapter "${MODEL}/lora" --scale 0.5 --adapter "${MODEL}/half" --scale 1
       ${prompt} --out "${WORK}/ours.json")
   check(--ours "${WORK}/ours.json" --model "${model_gguf}" --lora "${WORK}/lora.gguf:0.5" --lora "${WORK}/half.gguf:1"
         --tol ${tol} --greedy-must-match)
