@@ -6,8 +6,10 @@
 //   3. LoRA r = 8 on c_attn, c_proj, c_fc (all four projections), AdamW, `--steps` training steps of
 //      `--batch` sequences of `--ctx` tokens;
 //   4. evaluation: nll of one n_positions (1024) token window through the KV-cached inference path;
-//   5. the adapter saved as a PEFT folder, reloaded onto a fresh model, and evaluated again (equal).
-// Prints one line per stage (seconds, peak RSS so far) and exits 1 if the reloaded adapter disagrees.
+//   5. the adapter saved as a PEFT folder, reloaded onto a fresh model, and evaluated again (equal);
+//   6. the base written as GGUF (llama.cpp's format, F32 and Q8_0, with a stand-in vocabulary of 50257
+//      tokens), read back (F32: equal), and the adapter through GGUF and back to PEFT (equal).
+// Prints one line per stage (seconds, peak RSS so far) and exits 1 if a reloaded model or adapter disagrees.
 //
 // Usage: gpt2_small_check [--dir DIR] [--ctx 256] [--batch 4] [--steps 3]
 #include <sys/resource.h>
@@ -19,6 +21,7 @@
 #include <filesystem>
 #include <lora/io/peft.hpp>
 #include <lora/models/gpt2.hpp>
+#include <lora/models/gpt2_gguf.hpp>
 #include <lora/models/gpt2_io.hpp>
 #include <lora/optim.hpp>
 #include <string>
@@ -49,6 +52,44 @@ std::vector<std::int32_t> pseudo_text(std::size_t n, std::uint64_t seed) {
 }
 
 }  // namespace
+
+/// Stage 6: the base to GGUF (F32, Q8_0) and back, the adapter to a GGUF adapter and back to PEFT; true when
+/// the F32 model and the adapter come back exact.
+bool gguf_round_trip(const std::string& dir, const std::vector<std::int32_t>& window, double trained_nll) {
+  namespace models = lora::models;
+  auto t = clock_type::now();
+  const auto base = models::load_gpt2<float>(dir + "/base");
+  models::gguf_vocab vocab;  // GPT-2's own files are not available here: a stand-in of the same size
+  for (int k = 0; k < 50256; ++k) vocab.tokens.push_back("t" + std::to_string(k));
+  vocab.tokens.push_back("<|endoftext|>");
+  vocab.eot = 50256;
+  models::gpt2_gguf_writer(base.weights, vocab).write(dir + "/base.gguf");
+  models::gpt2_gguf_options q8;
+  q8.type = lora::io::ggml_type::q8_0;
+  models::gpt2_gguf_writer(base.weights, vocab, q8).write(dir + "/base_q8_0.gguf");
+  std::printf("   GGUF F32 %.1f MiB, Q8_0 %.1f MiB\n", std::filesystem::file_size(dir + "/base.gguf") / 1048576.0,
+              std::filesystem::file_size(dir + "/base_q8_0.gguf") / 1048576.0);
+  stage("6a. base written as GGUF (F32 and Q8_0)", t);
+
+  t = clock_type::now();
+  const auto adapter = lora::io::peft_adapter::load(dir + "/adapter");
+  lora::io::write_gguf_lora(dir + "/adapter.gguf", "gpt2", models::gpt2_peft_to_gguf_modules(adapter, base.config));
+  const lora::io::gguf_file base_file = lora::io::gguf_file::open(dir + "/base.gguf");
+  const auto back = models::gpt2_gguf_lora_to_peft(
+      lora::io::read_gguf_lora(lora::io::gguf_file::open(dir + "/adapter.gguf"), &base_file));
+  gpt2<float> from_gguf(models::load_gpt2_gguf<float>(dir + "/base.gguf").weights);
+  lora::io::attach(back, from_gguf.named_layers(), "default");
+  auto cache = from_gguf.make_cache();
+  const double nll = from_gguf.nll(window, cache);
+  gpt2<float> q(models::load_gpt2_gguf<float>(dir + "/base_q8_0.gguf").weights);
+  lora::io::attach(back, q.named_layers(), "default");
+  auto cache_q = q.make_cache();
+  const double nll_q = q.nll(window, cache_q);
+  std::printf("   GGUF base + GGUF adapter: %.6f nats/token (trained: %.6f); Q8_0 base: %.6f\n", nll / 1023,
+              trained_nll / 1023, nll_q / 1023);
+  stage("6b. read back; adapter -> GGUF -> PEFT; evaluated", t);
+  return std::abs(nll - trained_nll) <= 1e-5 * std::abs(trained_nll);
+}
 
 int main(int argc, char** argv) {
   std::string dir = "build/gpt2_small_check";
@@ -121,5 +162,7 @@ int main(int argc, char** argv) {
   const double nll2 = fresh.nll(window, cache2);
   std::printf("   reloaded adapter: %.6f nats/token (trained: %.6f)\n", nll2 / 1023, nll / 1023);
   stage("5. adapter saved as PEFT, reloaded onto a fresh model, evaluated", t);
-  return std::abs(nll2 - nll) <= 1e-5 * std::abs(nll) ? 0 : 1;
+  const bool peft_ok = std::abs(nll2 - nll) <= 1e-5 * std::abs(nll);
+  const bool gguf_ok = gguf_round_trip(dir, window, nll);
+  return peft_ok && gguf_ok ? 0 : 1;
 }
