@@ -419,6 +419,7 @@ ex::token_list read_token_files(const std::vector<std::string>& files, const lor
 
 struct finetune_options {
   std::string model_dir, out, val_file;
+  std::string init_adapter;  ///< continue training this PEFT adapter (its rank, alpha, targets)
   std::vector<std::string> train_files;
   finetune_spec spec;
   ex::train_setup train = [] {
@@ -453,6 +454,9 @@ const char* kFinetuneUsage =
     "                       attn.c_proj and mlp.c_proj, use attn.c_proj or mlp.c_proj for one)\n"
     "  --dropout P          LoRA dropout (default 0)\n"
     "  --rslora             scaling alpha / sqrt(r)\n"
+    "  --adapter DIR        continue training this PEFT adapter (e.g. one converted from llama.cpp with\n"
+    "                       lora-gguf to-peft): its rank, alpha, targets and rsLoRA come from the folder,\n"
+    "                       so --rank, --alpha, --targets, --rslora and --dropout are refused with it\n"
     "  --lr X               peak learning rate (default 3e-3)\n"
     "  --seed S             adapter initialisation and data order (default 0)\n"
     "  --checkpoint FILE    save a training checkpoint (parameters, AdamW state, data RNG) here\n"
@@ -476,6 +480,7 @@ void parse_finetune(const std::vector<std::string>& args, finetune_options& o) {
   f.on("--targets", ex::flag_table::setter([&](const std::string& v) { o.spec.targets = f.words("--targets", v); }));
   f.bind("--dropout", o.spec.dropout, 0);
   f.bind("--rslora", o.spec.rslora);
+  f.bind("--adapter", o.init_adapter);
   f.bind("--lr", o.train.lr, 0);
   f.on("--seed", ex::flag_table::setter([&](const std::string& v) {
          o.spec.seed = static_cast<std::uint64_t>(f.number("--seed", v, 0));
@@ -493,6 +498,12 @@ void parse_finetune(const std::vector<std::string>& args, finetune_options& o) {
   if (o.out.empty()) f.fail("--out DIR is required");
   if (o.spec.m == method::none) f.fail("--method none trains nothing");
   if (o.spec.dropout >= 1) f.fail("--dropout must be below 1");
+  if (!o.init_adapter.empty()) {
+    if (o.spec.m != method::lora) f.fail("--adapter continues a LoRA adapter: it needs --method lora");
+    for (const char* flag : {"--rank", "--alpha", "--targets", "--rslora", "--dropout"})
+      if (std::find(args.begin(), args.end(), flag) != args.end())
+        f.fail(ex::cat(flag, " cannot be combined with --adapter (the adapter folder sets it)"));
+  }
 }
 
 /// The flags that must agree between a run and the checkpoint it resumes.
@@ -502,8 +513,9 @@ std::string run_key(const finetune_options& o) {
   std::string targets;
   for (const auto& x : s.targets) targets += x + ",";
   return ex::cat("model ", absolute_dir(o.model_dir), "; method ", to_string(s.m), " rank ", s.rank, " alpha ", s.alpha,
-                 " targets ", targets, " seed ", s.seed, "; lr ", t.lr, " ", ex::to_string(t.schedule), " warmup ",
-                 t.warmup, " steps ", t.steps, " batch ", t.batch, " x ", t.accum, " context ", t.context);
+                 " targets ", targets, " adapter ", o.init_adapter.empty() ? "" : absolute_dir(o.init_adapter),
+                 " seed ", s.seed, "; lr ", t.lr, " ", ex::to_string(t.schedule), " warmup ", t.warmup, " steps ",
+                 t.steps, " batch ", t.batch, " x ", t.accum, " context ", t.context);
 }
 
 int run_finetune(const std::vector<std::string>& args) {
@@ -516,7 +528,13 @@ int run_finetune(const std::vector<std::string>& args) {
   const ex::token_list train_ids = read_token_files(o.train_files, base.tok);
   ex::token_list val_ids;
   if (!o.val_file.empty()) val_ids = base.tok.encode(ex::read_model_text(o.val_file, base.tok));
-  auto model = make_model(base.weights, o.spec);
+  std::unique_ptr<ex::lm> model;
+  if (o.init_adapter.empty()) {
+    model = make_model(base.weights, o.spec);
+  } else {
+    model = std::make_unique<ex::lm>(ex::clone_weights(base.weights));
+    ex::attach_adapter(*model, o.init_adapter);  // trainable, active, named "default"
+  }
   json out = {{"model", o.model_dir}, {"method", to_string(o.spec.m)}};
   if (!val_ids.empty()) {
     const auto before = ex::evaluate(*model, base.tok, val_ids);

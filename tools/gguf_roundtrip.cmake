@@ -1,6 +1,6 @@
 # The GGUF path end to end without llama.cpp (ctest tools.lora_gguf.roundtrip): the byte-level base and a
 # LoRA adapter of the fixture gpt2_smoke go through lora-gguf and lora-merge, and gpt2_finetune's eval
-# must give the same bits per byte at every step.
+# must give the same bits per byte at every step; the adapter converted back from GGUF trains further.
 #   cmake -DGGUF=lora-gguf -DMERGE=lora-merge -DPROGRAM=gpt2_finetune -DSMOKE=dir -DTEXT=file -DWORK=dir
 #         -P gguf_roundtrip.cmake
 cmake_policy(VERSION 3.16)
@@ -46,6 +46,19 @@ endif()
 bpb(with_lora 8 --model "${base}" --adapter "${lora}")
 bpb(back 8 --model "${base}" --adapter "${WORK}/peft")
 expect_equal("PEFT -> GGUF -> PEFT changed the adapter" "${with_lora}" "${back}")
+
+# An adapter that came from llama.cpp's format trains further here: gpt2_finetune finetune --adapter. On the
+# text it trains on, it must do better than where it started.
+run(further "${PROGRAM}" finetune --model "${base}" --adapter "${WORK}/peft" --train "${TEXT}" --out "${WORK}/further"
+    --steps 10 --batch 4 --context 32 --lr 1e-2 --warmup 0 --quiet)
+bpb(trained_further 8 --model "${base}" --adapter "${WORK}/further")
+if(NOT trained_further LESS back)
+  message(FATAL_ERROR "training the converted adapter further did not lower bits per byte: ${back} -> ${trained_further}")
+endif()
+file(READ "${WORK}/further/adapter_config.json" further_config)
+if(NOT further_config MATCHES "\"r\": 4,")
+  message(FATAL_ERROR "the adapter trained further changed its rank:\n${further_config}")
+endif()
 
 # The base through GGUF and back (F32): the same model.
 run(to_hf "${GGUF}" to-hf "${WORK}/model.gguf" --out "${WORK}/base_hf")
