@@ -67,6 +67,11 @@ run(generate generate --model "${WORK}/base" --adapter "${WORK}/lora" --prompt "
 # Bad input: a checkpoint of another run, an adapter of another rank, a folder that is no adapter, a
 # config that disagrees with the tensors, a text file that is missing.
 must_fail(other_run "ck.bin" ${ft} --rank 2 --out "${WORK}/x" --resume "${WORK}/ck.bin")
+# --adapter continues an adapter whose folder sets rank, alpha and targets: a flag that would change them is refused.
+must_fail(adapter_rank "--rank cannot be combined with --adapter" finetune --model "${WORK}/base" --train "${TRAIN}"
+          --adapter "${WORK}/lora" --rank 2 --out "${WORK}/x")
+must_fail(adapter_missing "no_such_adapter" finetune --model "${WORK}/base" --train "${TRAIN}"
+          --adapter "${WORK}/no_such_adapter" --out "${WORK}/x" ${tiny})
 file(COPY "${WORK}/lora/" DESTINATION "${WORK}/bad_rank")
 file(READ "${WORK}/bad_rank/adapter_config.json" cfg)
 string(REPLACE "\"r\": 4" "\"r\": 2" cfg "${cfg}")

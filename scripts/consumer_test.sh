@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs tests/consumer twice: against an install into a temporary prefix (find_package) and
-# through add_subdirectory. The install must also hold the shipped programs, <prefix>/bin/lora-inspect
+# through add_subdirectory. The install must also hold the shipped programs, <prefix>/bin/lora-inspect,
 # <prefix>/bin/lora-merge and <prefix>/bin/lora-gguf, which must run. Exits non-zero if anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
