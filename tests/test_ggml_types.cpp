@@ -53,13 +53,39 @@ TEST(GgmlTypesTable, CodesNamesAndSizes) {
     std::uint32_t block, size;
     bool convertible;
   };
-  const row expected[] = {{0, "F32", 1, 4, true},        {1, "F16", 1, 2, true},        {2, "Q4_0", 32, 18, true},
-                          {3, "Q4_1", 32, 20, false},    {6, "Q5_0", 32, 22, false},    {7, "Q5_1", 32, 24, false},
-                          {8, "Q8_0", 32, 34, true},     {9, "Q8_1", 32, 36, false},    {10, "Q2_K", 256, 84, false},
-                          {11, "Q3_K", 256, 110, false}, {12, "Q4_K", 256, 144, false}, {13, "Q5_K", 256, 176, false},
-                          {14, "Q6_K", 256, 210, false}, {15, "Q8_K", 256, 292, false}, {24, "I8", 1, 1, false},
-                          {25, "I16", 1, 2, false},      {26, "I32", 1, 4, false},      {27, "I64", 1, 8, false},
-                          {28, "F64", 1, 8, false},      {30, "BF16", 1, 2, true}};
+  const row expected[] = {{0, "F32", 1, 4, true},
+                          {1, "F16", 1, 2, true},
+                          {2, "Q4_0", 32, 18, true},
+                          {3, "Q4_1", 32, 20, false},
+                          {6, "Q5_0", 32, 22, false},
+                          {7, "Q5_1", 32, 24, false},
+                          {8, "Q8_0", 32, 34, true},
+                          {9, "Q8_1", 32, 36, false},
+                          {10, "Q2_K", 256, 84, false},
+                          {11, "Q3_K", 256, 110, false},
+                          {12, "Q4_K", 256, 144, false},
+                          {13, "Q5_K", 256, 176, false},
+                          {14, "Q6_K", 256, 210, false},
+                          {15, "Q8_K", 256, 292, false},
+                          {24, "I8", 1, 1, false},
+                          {25, "I16", 1, 2, false},
+                          {26, "I32", 1, 4, false},
+                          {27, "I64", 1, 8, false},
+                          {28, "F64", 1, 8, false},
+                          {30, "BF16", 1, 2, true},
+                          // block sizes and bytes of ggml-common.h's block_iq*, block_tq*, block_mxfp4
+                          {16, "IQ2_XXS", 256, 66, false},
+                          {17, "IQ2_XS", 256, 74, false},
+                          {18, "IQ3_XXS", 256, 98, false},
+                          {19, "IQ1_S", 256, 50, false},
+                          {20, "IQ4_NL", 32, 18, false},
+                          {21, "IQ3_S", 256, 110, false},
+                          {22, "IQ2_S", 256, 82, false},
+                          {23, "IQ4_XS", 256, 136, false},
+                          {29, "IQ1_M", 256, 56, false},
+                          {34, "TQ1_0", 256, 54, false},
+                          {35, "TQ2_0", 256, 66, false},
+                          {39, "MXFP4", 32, 17, false}};
   std::size_t known = 0;
   for (std::uint32_t code = 0; code < 64; ++code) {
     const io::ggml_type_traits* traits = io::find_ggml_type(code);
@@ -115,7 +141,7 @@ TEST(GgmlTypesRowBytes, WholeBlocksOnly) {
   expect_error<lora::format_error>([] { io::ggml_row_bytes(ggml_type::f32, std::uint64_t{1} << 62); }, {"2^64"});
   EXPECT_EQ(io::ggml_row_bytes(ggml_type::f32, (std::uint64_t{1} << 62) - 1),
             std::numeric_limits<std::uint64_t>::max() - 3);
-  expect_error<lora::format_error>([] { io::ggml_row_bytes(static_cast<ggml_type>(29), 1); }, {"code 29"});
+  expect_error<lora::format_error>([] { io::ggml_row_bytes(static_cast<ggml_type>(31), 1); }, {"code 31"});
 }
 
 TEST(GgmlTypesRowBytes, ConversionsRejectOtherTypesAndPartialBlocks) {

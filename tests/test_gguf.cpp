@@ -320,6 +320,56 @@ TEST(GgufMalformed, TensorInfoRules) {
   EXPECT_EQ(empty.read_vector<float>("t").size(), 0);
 }
 
+TEST(GgufMalformed, TheDataSectionMustStartInsideTheFile) {
+  // A zero-byte tensor whose data would start past the end of the file (the header is not padded).
+  image f;
+  f.preamble(1, 0).tensor("w", {0}, 0, 0);
+  expect_rejected(f.b, "data section starts at byte 64");
+  // An alignment of 2^30: the data section would start at 1 GiB.
+  image g;
+  g.preamble(1, 1).str("general.alignment").u32(4).u32(1u << 30).tensor("w", {0}, 0, 0);
+  expect_rejected(g.b, "data section starts at byte 1073741824");
+  // Without tensors there is no data section: the file opens, and is written back without padding.
+  image h;
+  h.preamble(0, 1).str("general.alignment").u32(4).u32(1u << 30);
+  const io::gguf_file no_tensors = parse(h.b);
+  io::gguf_writer w;
+  for (const auto& [key, value] : no_tensors.metadata()) w.set(key, value);
+  EXPECT_EQ(w.to_bytes(), h.b);
+}
+
+TEST(GgufMalformed, TooManyMetadataKeysAreRefusedBeforeReading) {
+  image f;
+  f.preamble(0, 65537);
+  f.b.resize(f.b.size() + 65537 * 14, 0);
+  expect_rejected(f.b, "metadata key count is 65537, more than the limit of 65536");
+}
+
+TEST(Gguf, TwoDimensionalTensorsReadAsMatricesEvenWithAnExtentOfOne) {
+  io::gguf_writer w;
+  lora::matrix<float> row(1, 32), col(32, 1);
+  row.setRandom();
+  col.setRandom();
+  w.add("row", row, io::ggml_type::f32);  // ne [32, 1]
+  w.add("col", col, io::ggml_type::f32);  // ne [1, 32]
+  w.add_raw("padded", io::ggml_type::f32, {4, 1, 1}, bytes(16, 0).data(), 16);
+  const io::gguf_file f = parse(w.to_bytes());
+  EXPECT_EQ(f.read_matrix<float>("row"), row);
+  EXPECT_EQ(f.read_matrix<float>("col"), col);
+  EXPECT_EQ(f.info("padded").effective_ne(), (std::vector<std::uint64_t>{4, 1}));
+  EXPECT_EQ(f.read_matrix<float>("padded").rows(), 1);
+}
+
+TEST(Gguf, StringArraysAreReadByKeyWithTheTypeChecked) {
+  io::gguf_writer w;
+  w.set("tokens", io::gguf_value::array(std::vector<std::int32_t>{1, 2}));
+  w.set("names", io::gguf_value::array(std::vector<std::string>{"a"}));
+  const io::gguf_file f = parse(w.to_bytes());
+  EXPECT_EQ(f.get_strings("names"), (std::vector<std::string>{"a"}));
+  expect_error<lora::format_error>([&] { f.get_strings("tokens"); },
+                                   {"test.gguf", "'tokens'", "ARRAY of INT32", "expected ARRAY of STRING"});
+}
+
 TEST(GgufMalformed, EveryTruncationIsRejected) {
   io::gguf_writer w;
   w.set("tokens", io::gguf_value::array(std::vector<std::string>{"a", "bb", "ccc"}));

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <lora/io/gguf.hpp>
 #include <lora/io/gguf_lora.hpp>
 #include <lora/io/peft.hpp>
@@ -24,6 +25,7 @@ namespace io = lora::io;
 namespace models = lora::models;
 using lora_test::expect_error;
 using lora_test::temp_dir;
+using bytes = std::vector<unsigned char>;
 
 models::gpt2_config tiny() {
   models::gpt2_config c;
@@ -372,6 +374,98 @@ TEST(GgufLora, MalformedAdaptersAreRefusedNamingTheTensor) {
       {"\"llama\"", "\"gpt2\""});
 }
 
+TEST(GgufLora, RankOneAdaptersRoundTrip) {
+  temp_dir dir;
+  io::peft_adapter peft = peft_adapter(1, 1);
+  peft.config.lora_alpha = 1;
+  const auto modules = models::gpt2_peft_to_gguf_modules(peft, tiny());
+  io::write_gguf_lora(dir.file("r1.gguf"), "gpt2", modules);
+  const auto read = io::read_gguf_lora(io::gguf_file::open(dir.file("r1.gguf")));
+  ASSERT_EQ(read.modules.size(), 3u);
+  EXPECT_EQ(read.modules[0].rank(), 1);
+  EXPECT_EQ(read.modules[0].a.cols(), 32);
+  EXPECT_EQ(read.modules[0].scaling, 1.0);
+  const auto back = models::gpt2_gguf_lora_to_peft(read);
+  EXPECT_EQ(back.config.r, 1);
+  EXPECT_TRUE(back.config.alpha_pattern.empty());
+}
+
+TEST(GgufLora, AlphaIsCarriedOverExactlyWithoutSpuriousPatterns) {
+  io::gguf_writer w;  // alpha 1 with rank 49: (1 / 49) * 49 is not 1 in floating point
+  w.set("general.architecture", io::gguf_value::of("gpt2"));
+  w.set("general.type", io::gguf_value::of("adapter"));
+  w.set("adapter.type", io::gguf_value::of("lora"));
+  w.set("adapter.lora.alpha", io::gguf_value::of(1.0f));
+  w.add("blk.0.attn_qkv.weight.lora_a", random_matrix(49, 32, 1), io::ggml_type::f32);
+  w.add("blk.0.attn_qkv.weight.lora_b", random_matrix(96, 49, 2), io::ggml_type::f32);
+  w.add("blk.0.ffn_up.weight.lora_a", random_matrix(49, 32, 3), io::ggml_type::f32);
+  w.add("blk.0.ffn_up.weight.lora_b", random_matrix(128, 49, 4), io::ggml_type::f32);
+  const auto peft = models::gpt2_gguf_lora_to_peft(io::read_gguf_lora(io::gguf_file::from_bytes(w.to_bytes())));
+  EXPECT_EQ(peft.config.lora_alpha, 1.0);
+  EXPECT_TRUE(peft.config.alpha_pattern.empty());
+  EXPECT_TRUE(peft.config.rank_pattern.empty());
+}
+
+TEST(GgufLora, FactorsThatCannotBeReadAreFormatErrors) {
+  const std::string qkv = "blk.0.attn_qkv.weight";
+  auto with = [&](auto&& edit) {
+    io::gguf_writer w;
+    w.set("general.architecture", io::gguf_value::of("gpt2"));
+    w.set("general.type", io::gguf_value::of("adapter"));
+    w.set("adapter.type", io::gguf_value::of("lora"));
+    edit(w);
+    return io::gguf_file::from_bytes(w.to_bytes(), "adapter.gguf");
+  };
+  const auto q4k = with([&](io::gguf_writer& w) {
+    const bytes zeros(144 * 2, 0);
+    w.add_raw(qkv + ".lora_a", io::ggml_type::q4_k, {256, 2}, zeros.data(), zeros.size());
+    w.add(qkv + ".lora_b", random_matrix(96, 2, 1), io::ggml_type::f32);
+  });
+  expect_error<lora::format_error>([&] { io::read_gguf_lora(q4k); }, {"adapter.gguf", qkv + ".lora_a", "Q4_K"});
+  const auto rank0 = with([&](io::gguf_writer& w) {
+    w.add_raw(qkv + ".lora_a", io::ggml_type::f32, {32, 0}, nullptr, 0);
+    w.add_raw(qkv + ".lora_b", io::ggml_type::f32, {0, 96}, nullptr, 0);
+  });
+  expect_error<lora::format_error>([&] { io::read_gguf_lora(rank0); }, {"adapter.gguf", "r >= 1"});
+  const auto nan = with([&](io::gguf_writer& w) {
+    w.set("adapter.lora.alpha", io::gguf_value::of(std::nanf("")));
+    w.add(qkv + ".lora_a", random_matrix(2, 32, 1), io::ggml_type::f32);
+    w.add(qkv + ".lora_b", random_matrix(96, 2, 1), io::ggml_type::f32);
+  });
+  expect_error<lora::format_error>([&] { io::read_gguf_lora(nan); }, {"adapter.gguf", "adapter.lora.alpha", "nan"});
+}
+
+TEST(Gpt2Gguf, ModelFilesAreCheckedBeforeTheModelIsAllocated) {
+  temp_dir dir;
+  const io::gguf_file small = io::gguf_file::from_bytes(
+      models::gpt2_gguf_writer(models::gpt2_weights<float>::random(tiny(), 1), byte_vocab()).to_bytes());
+  io::gguf_writer w;  // a config of ~100 GB of weights and no tensors: refused without allocating them
+  for (const auto& [key, value] : small.metadata()) w.set(key, value);
+  w.set("gpt2.embedding_length", io::gguf_value::of(std::uint32_t{16384}));
+  w.set("gpt2.feed_forward_length", io::gguf_value::of(std::uint32_t{65536}));
+  w.set("gpt2.block_count", io::gguf_value::of(std::uint32_t{512}));
+  w.write(dir.file("huge.gguf"));
+  expect_error<lora::format_error>([&] { models::load_gpt2_gguf<float>(dir.file("huge.gguf")); }, {"0 tensors"});
+  expect_error<lora::format_error>([&] { models::convert_gguf_to_gpt2(dir.file("huge.gguf"), dir.file("hf")); },
+                                   {"0 tensors"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("hf")));
+  // A vocabulary stored with the wrong type, or with a token twice, is refused before anything is written.
+  auto weights = models::gpt2_weights<float>::random(tiny(), 2);
+  auto typed = models::gpt2_gguf_writer(weights, byte_vocab());
+  typed.set("tokenizer.ggml.tokens", io::gguf_value::array(std::vector<std::int32_t>(257, 0)));
+  typed.write(dir.file("typed.gguf"));
+  expect_error<lora::format_error>([&] { models::convert_gguf_to_gpt2(dir.file("typed.gguf"), dir.file("hf")); },
+                                   {"tokenizer.ggml.tokens", "ARRAY of INT32"});
+  models::gguf_vocab twice = byte_vocab();
+  twice.tokens[10] = twice.tokens[11];
+  twice.merges = {"a b"};
+  twice.bpe = true;
+  models::gpt2_gguf_writer(weights, twice).write(dir.file("twice.gguf"));
+  expect_error<lora::format_error>([&] { models::convert_gguf_to_gpt2(dir.file("twice.gguf"), dir.file("hf")); },
+                                   {"token 11", "twice"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("hf")));
+}
+
 // --- merging ---------------------------------------------------------------------------------------
 
 TEST(GgufLora, MergeChangesOnlyTheAdaptedTensorsAndKeepsTheirType) {
@@ -404,6 +498,8 @@ TEST(GgufLora, MergeChangesOnlyTheAdaptedTensorsAndKeepsTheirType) {
   io::merge_gguf(base, modules, dir.file("merged32.gguf"), options);
   const io::gguf_file f32 = io::gguf_file::open(dir.file("merged32.gguf"));
   EXPECT_EQ(f32.info(m.base).type, io::ggml_type::f32);
+  EXPECT_EQ(merged.get<std::uint32_t>("general.file_type"), 7u);  // kept: every tensor keeps its type
+  EXPECT_EQ(f32.get<std::uint32_t>("general.file_type"), 0u);     // re-encoded as F32
   EXPECT_LT((f32.read_matrix<double>(m.base) - want).cwiseAbs().maxCoeff(), 1e-5);
 }
 

@@ -129,6 +129,8 @@ int do_adapter(const arguments& a) {
   const io::peft_adapter adapter = io::peft_adapter::load(a.input);
   const auto modules = models::gpt2_peft_to_gguf_modules(adapter, base_config(a.base));
   const io::ggml_type type = a.type.empty() ? io::ggml_type::f32 : io::parse_ggml_type(a.type);
+  if (type == io::ggml_type::q4_0)  // as llama.cpp's own converter: 4-bit factors lose too much
+    throw usage_error{"lora-gguf adapter --type must be f32, f16, bf16 or q8_0, got 'q4_0'"};
   const io::gguf_lora_write_report r = io::write_gguf_lora(a.out, "gpt2", modules, type, a.input);
   std::printf("wrote %s: %zu LoRA modules (%zu tensors, %s), adapter.lora.alpha %g\n", a.out.c_str(), modules.size(),
               r.tensors, io::ggml_type_name(type), r.alpha);

@@ -110,8 +110,13 @@ int merge_gguf(const arguments& args, lora_cli::tensor_bar& bar) {
   if (io::is_gguf_file(args.adapter)) {
     modules = io::read_gguf_lora(io::gguf_file::open(args.adapter), &base).modules;
   } else {
-    modules = lora::models::gpt2_peft_to_gguf_modules(io::peft_adapter::load(args.adapter),
-                                                      lora::models::read_gpt2_gguf_config(base));
+    const io::peft_adapter adapter = io::peft_adapter::load(args.adapter);
+    if (adapter.config.use_dora || !adapter.full_tensors.empty() || adapter.config.lora_bias)
+      throw lora::config_error(
+          "merging into a GGUF base takes plain LoRA factors; this adapter has DoRA magnitudes, lora_B biases or "
+          "modules_to_save tensors: merge it into the safetensors checkpoint (lora-merge --base "
+          "model.safetensors) and convert the result with lora-gguf model");
+    modules = lora::models::gpt2_peft_to_gguf_modules(adapter, lora::models::read_gpt2_gguf_config(base));
   }
   io::gguf_merge_options options;
   options.scale = args.options.scale;

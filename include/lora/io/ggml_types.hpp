@@ -24,26 +24,38 @@ namespace lora::io {
 /// ggml's type codes (the numbers GGUF tensor infos store). Codes ggml retired (4, 5) or that this
 /// library does not know (the IQ and TQ families, ...) are absent.
 enum class ggml_type : std::uint32_t {
-  f32 = 0,    ///< F32: IEEE binary32.
-  f16 = 1,    ///< F16: IEEE binary16.
-  q4_0 = 2,   ///< Q4_0: 32 elements in 18 bytes { f16 d; u8 qs[16] }, x = d * (q - 8).
-  q4_1 = 3,   ///< Q4_1: 32 elements in 20 bytes.
-  q5_0 = 6,   ///< Q5_0: 32 elements in 22 bytes.
-  q5_1 = 7,   ///< Q5_1: 32 elements in 24 bytes.
-  q8_0 = 8,   ///< Q8_0: 32 elements in 34 bytes { f16 d; i8 qs[32] }, x = d * q.
-  q8_1 = 9,   ///< Q8_1: 32 elements in 36 bytes.
-  q2_k = 10,  ///< Q2_K: 256 elements in 84 bytes.
-  q3_k = 11,  ///< Q3_K: 256 elements in 110 bytes.
-  q4_k = 12,  ///< Q4_K: 256 elements in 144 bytes.
-  q5_k = 13,  ///< Q5_K: 256 elements in 176 bytes.
-  q6_k = 14,  ///< Q6_K: 256 elements in 210 bytes.
-  q8_k = 15,  ///< Q8_K: 256 elements in 292 bytes.
-  i8 = 24,    ///< I8
-  i16 = 25,   ///< I16
-  i32 = 26,   ///< I32
-  i64 = 27,   ///< I64
-  f64 = 28,   ///< F64: IEEE binary64.
-  bf16 = 30,  ///< BF16: bfloat16, the top 16 bits of a binary32.
+  f32 = 0,       ///< F32: IEEE binary32.
+  f16 = 1,       ///< F16: IEEE binary16.
+  q4_0 = 2,      ///< Q4_0: 32 elements in 18 bytes { f16 d; u8 qs[16] }, x = d * (q - 8).
+  q4_1 = 3,      ///< Q4_1: 32 elements in 20 bytes.
+  q5_0 = 6,      ///< Q5_0: 32 elements in 22 bytes.
+  q5_1 = 7,      ///< Q5_1: 32 elements in 24 bytes.
+  q8_0 = 8,      ///< Q8_0: 32 elements in 34 bytes { f16 d; i8 qs[32] }, x = d * q.
+  q8_1 = 9,      ///< Q8_1: 32 elements in 36 bytes.
+  q2_k = 10,     ///< Q2_K: 256 elements in 84 bytes.
+  q3_k = 11,     ///< Q3_K: 256 elements in 110 bytes.
+  q4_k = 12,     ///< Q4_K: 256 elements in 144 bytes.
+  q5_k = 13,     ///< Q5_K: 256 elements in 176 bytes.
+  q6_k = 14,     ///< Q6_K: 256 elements in 210 bytes.
+  q8_k = 15,     ///< Q8_K: 256 elements in 292 bytes.
+  iq2_xxs = 16,  ///< IQ2_XXS: 256 elements in 66 bytes.
+  iq2_xs = 17,   ///< IQ2_XS: 256 elements in 74 bytes.
+  iq3_xxs = 18,  ///< IQ3_XXS: 256 elements in 98 bytes.
+  iq1_s = 19,    ///< IQ1_S: 256 elements in 50 bytes.
+  iq4_nl = 20,   ///< IQ4_NL: 32 elements in 18 bytes.
+  iq3_s = 21,    ///< IQ3_S: 256 elements in 110 bytes.
+  iq2_s = 22,    ///< IQ2_S: 256 elements in 82 bytes.
+  iq4_xs = 23,   ///< IQ4_XS: 256 elements in 136 bytes.
+  i8 = 24,       ///< I8
+  i16 = 25,      ///< I16
+  i32 = 26,      ///< I32
+  i64 = 27,      ///< I64
+  f64 = 28,      ///< F64: IEEE binary64.
+  iq1_m = 29,    ///< IQ1_M: 256 elements in 56 bytes.
+  bf16 = 30,     ///< BF16: bfloat16, the top 16 bits of a binary32.
+  tq1_0 = 34,    ///< TQ1_0: 256 elements in 54 bytes.
+  tq2_0 = 35,    ///< TQ2_0: 256 elements in 66 bytes.
+  mxfp4 = 39,    ///< MXFP4: 32 elements in 17 bytes.
 };
 
 /// One row of the type table.
@@ -84,16 +96,39 @@ using lora::detail::cat;
 
 /// The type table, in code order.
 inline constexpr ggml_type_traits ggml_type_table[] = {
-    {ggml_type::f32, "F32", 1, 4, true},        {ggml_type::f16, "F16", 1, 2, true},
-    {ggml_type::q4_0, "Q4_0", 32, 18, true},    {ggml_type::q4_1, "Q4_1", 32, 20, false},
-    {ggml_type::q5_0, "Q5_0", 32, 22, false},   {ggml_type::q5_1, "Q5_1", 32, 24, false},
-    {ggml_type::q8_0, "Q8_0", 32, 34, true},    {ggml_type::q8_1, "Q8_1", 32, 36, false},
-    {ggml_type::q2_k, "Q2_K", 256, 84, false},  {ggml_type::q3_k, "Q3_K", 256, 110, false},
-    {ggml_type::q4_k, "Q4_K", 256, 144, false}, {ggml_type::q5_k, "Q5_K", 256, 176, false},
-    {ggml_type::q6_k, "Q6_K", 256, 210, false}, {ggml_type::q8_k, "Q8_K", 256, 292, false},
-    {ggml_type::i8, "I8", 1, 1, false},         {ggml_type::i16, "I16", 1, 2, false},
-    {ggml_type::i32, "I32", 1, 4, false},       {ggml_type::i64, "I64", 1, 8, false},
-    {ggml_type::f64, "F64", 1, 8, false},       {ggml_type::bf16, "BF16", 1, 2, true},
+    {ggml_type::f32, "F32", 1, 4, true},
+    {ggml_type::f16, "F16", 1, 2, true},
+    {ggml_type::q4_0, "Q4_0", 32, 18, true},
+    {ggml_type::q4_1, "Q4_1", 32, 20, false},
+    {ggml_type::q5_0, "Q5_0", 32, 22, false},
+    {ggml_type::q5_1, "Q5_1", 32, 24, false},
+    {ggml_type::q8_0, "Q8_0", 32, 34, true},
+    {ggml_type::q8_1, "Q8_1", 32, 36, false},
+    {ggml_type::q2_k, "Q2_K", 256, 84, false},
+    {ggml_type::q3_k, "Q3_K", 256, 110, false},
+    {ggml_type::q4_k, "Q4_K", 256, 144, false},
+    {ggml_type::q5_k, "Q5_K", 256, 176, false},
+    {ggml_type::q6_k, "Q6_K", 256, 210, false},
+    {ggml_type::q8_k, "Q8_K", 256, 292, false},
+    {ggml_type::i8, "I8", 1, 1, false},
+    {ggml_type::i16, "I16", 1, 2, false},
+    {ggml_type::i32, "I32", 1, 4, false},
+    {ggml_type::i64, "I64", 1, 8, false},
+    {ggml_type::f64, "F64", 1, 8, false},
+    {ggml_type::bf16, "BF16", 1, 2, true},
+    // Types this library only copies (their blocks are not decoded), listed so that files holding them open.
+    {ggml_type::iq2_xxs, "IQ2_XXS", 256, 66, false},
+    {ggml_type::iq2_xs, "IQ2_XS", 256, 74, false},
+    {ggml_type::iq3_xxs, "IQ3_XXS", 256, 98, false},
+    {ggml_type::iq1_s, "IQ1_S", 256, 50, false},
+    {ggml_type::iq4_nl, "IQ4_NL", 32, 18, false},
+    {ggml_type::iq3_s, "IQ3_S", 256, 110, false},
+    {ggml_type::iq2_s, "IQ2_S", 256, 82, false},
+    {ggml_type::iq4_xs, "IQ4_XS", 256, 136, false},
+    {ggml_type::iq1_m, "IQ1_M", 256, 56, false},
+    {ggml_type::tq1_0, "TQ1_0", 256, 54, false},
+    {ggml_type::tq2_0, "TQ2_0", 256, 66, false},
+    {ggml_type::mxfp4, "MXFP4", 32, 17, false},
 };
 
 /// Elements per Q8_0 and Q4_0 block (ggml's QK8_0 and QK4_0).

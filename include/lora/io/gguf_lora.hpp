@@ -75,6 +75,10 @@ gguf_lora_write_report write_gguf_lora(const std::string& path, const std::strin
                                        const std::vector<gguf_lora_module>& modules, ggml_type type = ggml_type::f32,
                                        const std::string& name = "");
 
+/// llama.cpp's general.file_type for a model whose matrices are `type` (LLAMA_FTYPE_ALL_F32 0, MOSTLY_F16
+/// 1, MOSTLY_Q4_0 2, MOSTLY_Q8_0 7, MOSTLY_BF16 32; 0 for others).
+std::uint32_t llama_file_type(ggml_type type) noexcept;
+
 struct gguf_merge_options {
   double scale = 1.0;                 ///< multiplies every module's scaling
   std::optional<ggml_type> out_type;  ///< type of the merged tensors; nullopt keeps each base tensor's
@@ -123,16 +127,20 @@ inline gguf_lora_module read_lora_pair(const gguf_file& f, const std::string& ba
   if (!f.contains(b_name))
     throw format_error(cat("GGUF file '", f.path(), "': tensor '", a.name, "' has no partner '", b_name, "'"));
   const gguf_tensor_info& b = f.info(b_name);
-  const auto ane = a.effective_ne(), bne = b.effective_ne();
-  if (a.ne.size() != 2 || b.ne.size() != 2 || ane.size() > 2 || bne.size() > 2 || a.ne[1] != b.ne[0])
+  if (a.ne.size() != 2 || b.ne.size() != 2 || a.ne[1] != b.ne[0] || a.ne[1] == 0)
     throw format_error(cat("GGUF file '", f.path(), "': '", a.name, "' ne ", shape_to_string(a.shape()), " and '",
-                           b.name, "' ", shape_to_string(b.shape()), " are not [in, r] and [r, out]"));
+                           b.name, "' ", shape_to_string(b.shape()), " are not [in, r] and [r, out] with r >= 1"));
+  for (const gguf_tensor_info* t : {&a, &b}) {
+    if (!ggml_is_convertible(t->type))
+      throw format_error(cat("GGUF file '", f.path(), "': LoRA factor '", t->name, "' is ", ggml_type_name(t->type),
+                             "; this library reads F32, F16, BF16, Q8_0 and Q4_0 factors"));
+  }
   if (base != nullptr) {
     if (!base->contains(base_name))
       throw format_error(cat("GGUF file '", f.path(), "': '", a.name, "' adapts '", base_name, "', which the base '",
                              base->path(), "' does not have"));
     const gguf_tensor_info& w = base->info(base_name);
-    if (w.ne.size() < 2 || w.effective_ne().size() != 2 || w.ne[0] != a.ne[0] || w.ne[1] != b.ne[1])
+    if (w.effective_ne().size() != 2 || w.ne[0] != a.ne[0] || w.ne[1] != b.ne[1])
       throw format_error(cat("GGUF file '", f.path(), "': '", base_name, "' is ", shape_to_string(w.shape()),
                              " in the base but its LoRA factors make ", b.ne[1], " x ", a.ne[0]));
   }
@@ -154,6 +162,9 @@ inline gguf_lora_adapter read_gguf_lora(const gguf_file& f, const gguf_file* bas
                                    "\" but the base '", base->path(), "' is \"",
                                    base->get_string("general.architecture"), "\""));
   out.alpha = f.has("adapter.lora.alpha") ? f.get<float>("adapter.lora.alpha") : 0.0;
+  if (!std::isfinite(out.alpha) || out.alpha < 0.0)
+    throw format_error(detail::cat("GGUF file '", f.path(), "': adapter.lora.alpha is ", out.alpha,
+                                   " (expected a finite value >= 0)"));
   for (const gguf_tensor_info& t : f.tensors()) {
     const bool is_a = detail::ends_with(t.name, detail::lora_a_suffix);
     if (!is_a && !detail::ends_with(t.name, detail::lora_b_suffix))
@@ -238,6 +249,21 @@ inline gguf_lora_write_report write_gguf_lora(const std::string& path, const std
   return report;
 }
 
+inline std::uint32_t llama_file_type(ggml_type type) noexcept {
+  switch (type) {
+    case ggml_type::f16:
+      return 1;
+    case ggml_type::q4_0:
+      return 2;
+    case ggml_type::q8_0:
+      return 7;
+    case ggml_type::bf16:
+      return 32;
+    default:
+      return 0;
+  }
+}
+
 namespace detail {
 
 /// The merged values of base tensor `name`: W (out x in) + Σ scale · scaling · B A over its modules.
@@ -269,13 +295,15 @@ inline gguf_merge_report merge_gguf(const gguf_file& base, const std::vector<ggu
   }
   gguf_writer w;
   for (const auto& [key, value] : base.metadata()) w.set(key, value);
+  // llama.cpp's general.file_type names the type most tensors have; re-encoding changes it.
+  if (options.out_type && base.has("general.file_type") && base.value("general.file_type").type() == gguf_type::u32)
+    w.set("general.file_type", gguf_value::of(llama_file_type(*options.out_type)));
   gguf_merge_report report;
   std::size_t done = 0;
   for (const gguf_tensor_info& t : base.tensors()) {
     const auto it = by_tensor.find(t.name);
     if (it == by_tensor.end()) {
-      const tensor_bytes raw = base.raw(t.name);
-      w.add_raw(t.name, t.type, t.ne, raw.data(), raw.size());
+      w.add_raw(t.name, t.type, t.ne, base.raw(t.name));  // borrowed: the base's mapping, not a copy
       ++report.copied;
     } else {
       w.add(t.name, detail::merged_weight(base, t.name, it->second, options.scale), options.out_type.value_or(t.type));

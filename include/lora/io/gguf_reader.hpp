@@ -51,7 +51,8 @@ struct gguf_tensor_info {
   std::uint64_t numel() const noexcept;
   /// The PyTorch shape: ne reversed, e.g. ne [768, 2304] -> [2304, 768].
   std::vector<std::int64_t> shape() const;
-  /// ne without trailing 1s (at least one entry): [768, 1, 1] -> [768].
+  /// ne without trailing 1s beyond the second extent: [768, 1, 1] -> [768, 1]; [768] and [4, 1] stay as they
+  /// are (a 2-D tensor is a matrix even when one extent is 1, e.g. a rank-1 LoRA factor).
   std::vector<std::uint64_t> effective_ne() const;
 };
 
@@ -84,6 +85,8 @@ class gguf_file {
   T get(const std::string& key) const;
   /// The string of `key` (format_error when absent or not a string).
   const std::string& get_string(const std::string& key) const;
+  /// The strings of the array `key` (format_error naming both types when absent or not an array of strings).
+  const std::vector<std::string>& get_strings(const std::string& key) const;
 
   /// Every tensor, in file order.
   const std::vector<gguf_tensor_info>& tensors() const noexcept { return m_tensors; }
@@ -131,6 +134,9 @@ inline constexpr std::size_t gguf_max_name = 63;
 inline constexpr std::uint32_t gguf_max_dims = 4;
 inline constexpr std::uint64_t gguf_max_length = std::uint64_t{1} << 30;
 inline constexpr std::uint32_t gguf_default_alignment = 32;
+/// Our own cap on metadata keys (real files have tens; a tokenizer is one key), so that a file of tiny
+/// keys cannot make the reader hold many times its size in small objects.
+inline constexpr std::uint64_t gguf_max_keys = 65536;
 
 /// Reads the header of a GGUF file front to back, each read checked against the bytes left.
 class gguf_cursor {
@@ -179,7 +185,7 @@ inline std::vector<std::int64_t> gguf_tensor_info::shape() const {
 
 inline std::vector<std::uint64_t> gguf_tensor_info::effective_ne() const {
   std::vector<std::uint64_t> out = ne;
-  while (out.size() > 1 && out.back() == 1) out.pop_back();
+  while (out.size() > 2 && out.back() == 1) out.pop_back();
   if (out.empty()) out.push_back(1);
   return out;
 }
@@ -311,7 +317,7 @@ inline std::tuple<std::uint32_t, std::uint64_t, std::uint64_t> read_gguf_preambl
   if (version < 2 || version > 3) in.fail(cat("version ", version, " (this reader reads versions 2 and 3)"));
   // The smallest tensor info takes 8 + 1 + 4 + 4 + 8 bytes, the smallest key/value 8 + 1 + 4 + 1.
   const std::uint64_t n_tensors = in.count("tensor count", 25, INT64_MAX);
-  const std::uint64_t n_kv = in.count("metadata key count", 14, INT64_MAX);
+  const std::uint64_t n_kv = in.count("metadata key count", 14, gguf_max_keys);
   return {version, n_tensors, n_kv};
 }
 
@@ -359,6 +365,10 @@ inline gguf_file gguf_file::from_storage(std::shared_ptr<const detail::file_stor
     f.m_tensors.push_back(std::move(t));
   }
   f.m_data_offset = detail::gguf_pad(in.position(), f.m_alignment);
+  // With tensors, the data section (even of zero-byte tensors) must start inside the file.
+  if (!f.m_tensors.empty() && f.m_data_offset > f.m_storage->size())
+    in.fail(detail::cat("the data section starts at byte ", f.m_data_offset, " (the header padded to ", f.m_alignment,
+                        "), past the end of the file (", f.m_storage->size(), " bytes)"));
   for (const gguf_tensor_info& t : f.m_tensors) {
     if (t.offset + t.byte_size > f.m_storage->size() - std::min(f.m_storage->size(), f.m_data_offset))
       in.fail(detail::cat("tensor '", t.name, "' ends at byte ", f.m_data_offset + t.offset + t.byte_size,
@@ -392,6 +402,15 @@ inline const std::string& gguf_file::get_string(const std::string& key) const {
     throw format_error(detail::cat("GGUF file '", m_label, "': key '", key, "' has type ", gguf_type_name(v.type()),
                                    ", expected STRING"));
   return v.string();
+}
+
+inline const std::vector<std::string>& gguf_file::get_strings(const std::string& key) const {
+  const gguf_value& v = value(key);
+  if (!v.is_array() || v.element_type() != gguf_type::string)
+    throw format_error(detail::cat("GGUF file '", m_label, "': key '", key, "' has type ", gguf_type_name(v.type()),
+                                   v.is_array() ? detail::cat(" of ", gguf_type_name(v.element_type())) : "",
+                                   ", expected ARRAY of STRING"));
+  return v.strings();
 }
 
 inline const gguf_tensor_info& gguf_file::info(const std::string& name) const {

@@ -58,7 +58,7 @@ constexpr gguf_type gguf_type_of() noexcept;
 class gguf_value {
  public:
   /// An empty string.
-  gguf_value() = default;
+  gguf_value() : m_strings(1) {}
   /// A scalar of the type that stores T (an arithmetic type listed for gguf_type_of).
   template <typename T>
   static gguf_value of(T value);
@@ -104,13 +104,15 @@ class gguf_value {
   friend bool operator!=(const gguf_value& a, const gguf_value& b) noexcept { return !(a == b); }
 
  private:
+  struct empty_tag {};
+  explicit gguf_value(empty_tag) noexcept {}
   void expect(gguf_type type, gguf_type element) const;
 
   gguf_type m_type = gguf_type::string;
   gguf_type m_element = gguf_type::string;
   std::uint64_t m_count = 1;
-  std::vector<unsigned char> m_bytes;     // numbers, little-endian
-  std::vector<std::string> m_strings{1};  // the string, or the array's strings
+  std::vector<unsigned char> m_bytes;  // numbers, little-endian
+  std::vector<std::string> m_strings;  // the string, or the array's strings; empty for numbers
 };
 
 namespace detail {
@@ -213,28 +215,26 @@ constexpr gguf_type gguf_type_of() noexcept {
 template <typename T>
 gguf_value gguf_value::of(T value) {
   constexpr gguf_type type = gguf_type_of<T>();
-  gguf_value v;
+  gguf_value v{empty_tag{}};
   v.m_type = v.m_element = type;
-  v.m_strings.clear();
   v.m_bytes.resize(gguf_scalar_size(type));
   detail::gguf_store(value, v.m_bytes.data());
   return v;
 }
 
 inline gguf_value gguf_value::of(std::string value) {
-  gguf_value v;
-  v.m_strings[0] = std::move(value);
+  gguf_value v{empty_tag{}};
+  v.m_strings.push_back(std::move(value));
   return v;
 }
 
 template <typename T>
 gguf_value gguf_value::array(const std::vector<T>& values) {
   constexpr gguf_type type = gguf_type_of<T>();
-  gguf_value v;
+  gguf_value v{empty_tag{}};
   v.m_type = gguf_type::array;
   v.m_element = type;
   v.m_count = values.size();
-  v.m_strings.clear();
   v.m_bytes.resize(values.size() * gguf_scalar_size(type));
   for (std::size_t k = 0; k < values.size(); ++k) detail::gguf_store<T>(values[k], &v.m_bytes[k * sizeof(T)]);
   return v;
@@ -246,17 +246,16 @@ inline gguf_value gguf_value::from_raw(gguf_type type, gguf_type element, std::u
                                        std::vector<unsigned char> bytes) {
   LORA_ASSERT(element != gguf_type::string && element != gguf_type::array);
   LORA_ASSERT(bytes.size() == count * gguf_scalar_size(element));
-  gguf_value v;
+  gguf_value v{empty_tag{}};
   v.m_type = type;
   v.m_element = element;
   v.m_count = count;
-  v.m_strings.clear();
   v.m_bytes = std::move(bytes);
   return v;
 }
 
 inline gguf_value gguf_value::from_strings(std::vector<std::string> strings) {
-  gguf_value v;
+  gguf_value v{empty_tag{}};
   v.m_type = gguf_type::array;
   v.m_element = gguf_type::string;
   v.m_count = strings.size();

@@ -23,6 +23,7 @@
 #include "../config.hpp"
 #include "../error.hpp"
 #include "atomic_file.hpp"
+#include "file_storage.hpp"
 #include "ggml_types.hpp"
 #include "gguf_value.hpp"
 
@@ -48,6 +49,8 @@ class gguf_writer {
   /// number is not what (type, ne) takes.
   gguf_writer& add_raw(const std::string& name, ggml_type type, std::vector<std::uint64_t> ne,
                        const unsigned char* data, std::size_t size);
+  /// The same without a copy: the writer keeps `bytes` (and the file mapping it holds) until destroyed.
+  gguf_writer& add_raw(const std::string& name, ggml_type type, std::vector<std::uint64_t> ne, tensor_bytes bytes);
 
   std::size_t tensor_count() const noexcept { return m_tensors.size(); }
   /// The whole file.
@@ -60,8 +63,13 @@ class gguf_writer {
     std::string name;
     std::vector<std::uint64_t> ne;
     ggml_type type;
-    std::vector<unsigned char> bytes;
+    std::vector<unsigned char> bytes;  ///< owned, or empty and:
+    tensor_bytes borrowed;
+    const unsigned char* data() const noexcept { return bytes.empty() ? borrowed.data() : bytes.data(); }
+    std::size_t size() const noexcept { return bytes.empty() ? borrowed.size() : bytes.size(); }
   };
+  void check_raw_size(const std::string& name, ggml_type type, const std::vector<std::uint64_t>& ne,
+                      std::size_t size) const;
   void check_new_name(const std::string& name) const;
   entry& new_entry(const std::string& name, ggml_type type, std::vector<std::uint64_t> ne);
   /// Magic, counts, metadata and tensor infos, padded to the alignment.
@@ -148,7 +156,7 @@ inline gguf_writer::entry& gguf_writer::new_entry(const std::string& name, ggml_
                                                   std::vector<std::uint64_t> ne) {
   check_new_name(name);
   m_names.emplace(name, m_tensors.size());
-  m_tensors.push_back(entry{name, std::move(ne), type, {}});
+  m_tensors.push_back(entry{name, std::move(ne), type, {}, {}});
   return m_tensors.back();
 }
 
@@ -195,8 +203,8 @@ gguf_writer& gguf_writer::add_vector(const std::string& name, const Eigen::Matri
   return *this;
 }
 
-inline gguf_writer& gguf_writer::add_raw(const std::string& name, ggml_type type, std::vector<std::uint64_t> ne,
-                                         const unsigned char* data, std::size_t size) {
+inline void gguf_writer::check_raw_size(const std::string& name, ggml_type type, const std::vector<std::uint64_t>& ne,
+                                        std::size_t size) const {
   const ggml_type_traits& traits = ggml_traits(type);
   if (ne.size() > 4)
     throw format_error(detail::cat("GGUF writer: tensor '", name, "' has ", ne.size(), " dimensions (at most 4)"));
@@ -206,8 +214,20 @@ inline gguf_writer& gguf_writer::add_raw(const std::string& name, ggml_type type
   if (expected != size)
     throw format_error(detail::cat("GGUF writer: tensor '", name, "' of type ", traits.name, ": ", size,
                                    " bytes given, its extents take ", expected));
+}
+
+inline gguf_writer& gguf_writer::add_raw(const std::string& name, ggml_type type, std::vector<std::uint64_t> ne,
+                                         const unsigned char* data, std::size_t size) {
+  check_raw_size(name, type, ne, size);
   entry& e = new_entry(name, type, std::move(ne));
   e.bytes.assign(data, data + size);
+  return *this;
+}
+
+inline gguf_writer& gguf_writer::add_raw(const std::string& name, ggml_type type, std::vector<std::uint64_t> ne,
+                                         tensor_bytes bytes) {
+  check_raw_size(name, type, ne, bytes.size());
+  new_entry(name, type, std::move(ne)).borrowed = std::move(bytes);
   return *this;
 }
 
@@ -229,9 +249,10 @@ inline std::vector<unsigned char> gguf_writer::header() const {
     for (std::uint64_t d : e.ne) w.scalar<std::int64_t>(static_cast<std::int64_t>(d));
     w.scalar<std::uint32_t>(static_cast<std::uint32_t>(e.type));
     w.scalar<std::uint64_t>(offset);
-    offset = detail::gguf_pad(offset + e.bytes.size(), m_alignment);
+    offset = detail::gguf_pad(offset + e.size(), m_alignment);
   }
-  out.resize(static_cast<std::size_t>(detail::gguf_pad(out.size(), m_alignment)), 0);
+  // The data section starts at the next multiple of the alignment; a file of no tensors has none.
+  if (!m_tensors.empty()) out.resize(static_cast<std::size_t>(detail::gguf_pad(out.size(), m_alignment)), 0);
   return out;
 }
 
@@ -241,8 +262,8 @@ void gguf_writer::emit(Sink&& sink) const {
   sink(head.data(), head.size());
   static const unsigned char zeros[256] = {};
   for (const entry& e : m_tensors) {
-    sink(e.bytes.data(), e.bytes.size());
-    std::size_t pad = static_cast<std::size_t>(detail::gguf_pad(e.bytes.size(), m_alignment) - e.bytes.size());
+    sink(e.data(), e.size());
+    std::size_t pad = static_cast<std::size_t>(detail::gguf_pad(e.size(), m_alignment) - e.size());
     for (; pad > 0; pad -= std::min(pad, sizeof zeros)) sink(zeros, std::min(pad, sizeof zeros));
   }
 }

@@ -143,22 +143,6 @@ inline std::optional<std::pair<index, std::string>> split_layer(const std::strin
   return std::make_pair(static_cast<index>(std::stol(s.substr(0, k))), s.substr(k + 1));
 }
 
-/// llama.cpp's general.file_type for models whose matrices are `type` (LLAMA_FTYPE_ALL_F32 ...).
-inline std::uint32_t gguf_file_type(io::ggml_type type) {
-  switch (type) {
-    case io::ggml_type::f16:
-      return 1;
-    case io::ggml_type::q4_0:
-      return 2;
-    case io::ggml_type::q8_0:
-      return 7;
-    case io::ggml_type::bf16:
-      return 32;
-    default:
-      return 0;
-  }
-}
-
 }  // namespace detail
 
 inline gguf_vocab gguf_vocab_from_folder(const std::string& dir, index model_vocab_size) {
@@ -222,7 +206,7 @@ io::gguf_writer gpt2_gguf_writer(const gpt2_weights<Scalar>& weights, const gguf
   auto u32 = [](index v) { return io::gguf_value::of(static_cast<std::uint32_t>(v)); };
   w.set("general.architecture", io::gguf_value::of("gpt2"));
   if (!options.name.empty()) w.set("general.name", io::gguf_value::of(options.name));
-  w.set("general.file_type", io::gguf_value::of(detail::gguf_file_type(options.type)));
+  w.set("general.file_type", io::gguf_value::of(io::llama_file_type(options.type)));
   w.set("gpt2.context_length", u32(c.n_positions));
   w.set("gpt2.embedding_length", u32(c.n_embd));
   w.set("gpt2.feed_forward_length", u32(c.n_inner()));
@@ -268,7 +252,7 @@ inline gpt2_config read_gpt2_gguf_config(const io::gguf_file& f) {
   c.n_head = f.get<std::uint32_t>("gpt2.attention.head_count");
   c.layer_norm_epsilon = f.get<float>("gpt2.attention.layer_norm_epsilon");
   c.vocab_size = f.has("gpt2.vocab_size") ? static_cast<index>(f.get<std::uint32_t>("gpt2.vocab_size"))
-                                          : static_cast<index>(f.value("tokenizer.ggml.tokens").strings().size());
+                                          : static_cast<index>(f.get_strings("tokenizer.ggml.tokens").size());
   if (f.has("gpt2.feed_forward_length") && f.get<std::uint32_t>("gpt2.feed_forward_length") != 4 * c.n_embd)
     throw format_error(lora::detail::cat("GGUF file '", f.path(), "': gpt2.feed_forward_length is ",
                                          f.get<std::uint32_t>("gpt2.feed_forward_length"), ", this library runs 4 x ",
@@ -277,27 +261,48 @@ inline gpt2_config read_gpt2_gguf_config(const io::gguf_file& f) {
   return c;
 }
 
+namespace detail {
+
+/// The GGUF ne of table tensor `spec` (vectors [n]; matrices [cols, rows] of the stored orientation).
+inline std::vector<std::uint64_t> gguf_ne_of(const gpt2_tensor_spec& spec, bool transposed) {
+  const auto rows = static_cast<std::uint64_t>(spec.rows), cols = static_cast<std::uint64_t>(spec.cols);
+  if (spec.is_vector()) return {rows};
+  return transposed ? std::vector<std::uint64_t>{rows, cols} : std::vector<std::uint64_t>{cols, rows};
+}
+
+/// Checks that `f` holds exactly the tensors of `config`, each with its ne (format_error naming the tensor),
+/// before anything of the model's size is allocated.
+inline void check_gpt2_gguf_tensors(const io::gguf_file& f, const gpt2_config& config) {
+  const std::vector<gpt2_tensor_spec> specs = gpt2_tensor_specs(config);
+  if (f.tensors().size() != specs.size())
+    throw format_error(lora::detail::cat("GGUF file '", f.path(), "' has ", f.tensors().size(), " tensors, a GPT-2 of ",
+                                         config.n_layer, " layers (tied head) has ", specs.size()));
+  for (std::size_t id = 0; id < specs.size(); ++id) {
+    const auto [name, transposed] = gpt2_gguf_tensor_name(config, static_cast<index>(id));
+    const io::gguf_tensor_info& t = f.info(name);  // name_error naming the file when absent
+    const std::vector<std::uint64_t> want = gguf_ne_of(specs[id], transposed);
+    if (t.effective_ne() != want)
+      throw format_error(lora::detail::cat("GGUF file '", f.path(), "': tensor '", name, "' has shape ",
+                                           io::detail::shape_to_string(t.shape()), ", expected ",
+                                           io::detail::shape_to_string({want.rbegin(), want.rend()})));
+    if (!io::ggml_is_convertible(t.type))
+      throw format_error(lora::detail::cat("GGUF file '", f.path(), "': tensor '", name, "' is ",
+                                           io::ggml_type_name(t.type),
+                                           "; this library reads F32, F16, BF16, Q8_0, Q4_0"));
+  }
+}
+
+}  // namespace detail
+
 template <typename Scalar>
 gpt2_checkpoint<Scalar> load_gpt2_gguf(const std::string& path) {
   const io::gguf_file f = io::gguf_file::open(path);
-  gpt2_checkpoint<Scalar> out{read_gpt2_gguf_config(f), gpt2_weights<Scalar>(read_gpt2_gguf_config(f))};
-  if (f.tensors().size() != static_cast<std::size_t>(out.weights.num_tensors()))
-    throw format_error(lora::detail::cat("GGUF file '", path, "' has ", f.tensors().size(), " tensors, a GPT-2 of ",
-                                         out.config.n_layer, " layers (tied head) has ", out.weights.num_tensors()));
+  const gpt2_config config = read_gpt2_gguf_config(f);
+  detail::check_gpt2_gguf_tensors(f, config);  // the file holds every byte the model needs
+  gpt2_checkpoint<Scalar> out{config, gpt2_weights<Scalar>(config)};
   for (index id = 0; id < out.weights.num_tensors(); ++id) {
-    const auto [name, transposed] = gpt2_gguf_tensor_name(out.config, id);
-    const gpt2_tensor_spec& spec = out.weights.spec(id);
-    const io::gguf_tensor_info& t = f.info(name);  // name_error naming the file when absent
-    const std::vector<std::uint64_t> want =
-        spec.is_vector() ? std::vector<std::uint64_t>{static_cast<std::uint64_t>(spec.rows)}
-        : transposed
-            ? std::vector<std::uint64_t>{static_cast<std::uint64_t>(spec.rows), static_cast<std::uint64_t>(spec.cols)}
-            : std::vector<std::uint64_t>{static_cast<std::uint64_t>(spec.cols), static_cast<std::uint64_t>(spec.rows)};
-    if (t.effective_ne() != want)
-      throw format_error(lora::detail::cat(
-          "GGUF file '", path, "': tensor '", name, "' has shape ", io::detail::shape_to_string(t.shape()),
-          ", expected ", io::detail::shape_to_string(std::vector<std::int64_t>(want.rbegin(), want.rend()))));
-    if (spec.is_vector()) {
+    const auto [name, transposed] = gpt2_gguf_tensor_name(config, id);
+    if (out.weights.spec(id).is_vector()) {
       out.weights.flat(id) = f.read_vector<Scalar>(name);
     } else if (transposed) {
       out.weights.matrix(id) = f.read_matrix<Scalar>(name).transpose();
@@ -313,8 +318,8 @@ inline gguf_vocab read_gguf_vocab(const io::gguf_file& f) {
     throw format_error(lora::detail::cat("GGUF file '", f.path(), "': tokenizer.ggml.model is \"",
                                          f.get_string("tokenizer.ggml.model"), "\", expected \"gpt2\""));
   gguf_vocab v;
-  v.tokens = f.value("tokenizer.ggml.tokens").strings();
-  if (f.has("tokenizer.ggml.merges")) v.merges = f.value("tokenizer.ggml.merges").strings();
+  v.tokens = f.get_strings("tokenizer.ggml.tokens");
+  if (f.has("tokenizer.ggml.merges")) v.merges = f.get_strings("tokenizer.ggml.merges");
   v.bpe = !v.merges.empty();
   const auto eot = std::find(v.tokens.begin(), v.tokens.end(), "<|endoftext|>");
   if (eot == v.tokens.end())
@@ -323,20 +328,45 @@ inline gguf_vocab read_gguf_vocab(const io::gguf_file& f) {
   return v;
 }
 
-inline void save_gguf_vocab(const std::string& dir, const gguf_vocab& vocab) {
-  if (!vocab.bpe) return;
+namespace detail {
+
+/// vocab.json and merges.txt texts of a BPE vocabulary; format_error for a token that is not UTF-8 or
+/// appears twice (vocab.json maps each token to one id).
+inline std::pair<std::string, std::string> bpe_files_text(const gguf_vocab& vocab) {
   nlohmann::ordered_json json = nlohmann::ordered_json::object();
-  for (std::size_t id = 0; id < vocab.tokens.size(); ++id) json[vocab.tokens[id]] = id;
+  for (std::size_t id = 0; id < vocab.tokens.size(); ++id) {
+    if (json.contains(vocab.tokens[id]))
+      throw format_error(
+          lora::detail::cat("GGUF vocabulary: token ", id, " (", json_quoted(vocab.tokens[id]), ") appears twice"));
+    json[vocab.tokens[id]] = id;
+  }
   std::string merges = "#version: 0.2\n";
   for (const std::string& m : vocab.merges) merges += m + "\n";
+  try {
+    return {json.dump(), merges};
+  } catch (const nlohmann::json::exception& e) {  // a token that is not UTF-8
+    throw format_error(lora::detail::cat("GGUF vocabulary: a token cannot be written to vocab.json: ", e.what()));
+  }
+}
+
+}  // namespace detail
+
+inline void save_gguf_vocab(const std::string& dir, const gguf_vocab& vocab) {
+  if (!vocab.bpe) return;
+  const auto [json, merges] = detail::bpe_files_text(vocab);
   std::filesystem::create_directories(dir);
-  io::write_file_atomically(std::filesystem::path(dir) / "vocab.json", json.dump());
+  io::write_file_atomically(std::filesystem::path(dir) / "vocab.json", json);
   io::write_file_atomically(std::filesystem::path(dir) / "merges.txt", merges);
 }
 
 inline void convert_gguf_to_gpt2(const std::string& gguf_path, const std::string& hf_dir) {
-  const gpt2_checkpoint<float> model = load_gpt2_gguf<float>(gguf_path);
   const gguf_vocab vocab = read_gguf_vocab(io::gguf_file::open(gguf_path));
+  if (vocab.bpe) (void)detail::bpe_files_text(vocab);  // every check before anything is written
+  const gpt2_checkpoint<float> model = load_gpt2_gguf<float>(gguf_path);
+  if (!vocab.bpe && model.config.vocab_size != byte_tokenizer::vocab_size())
+    throw format_error(lora::detail::cat("GGUF file '", gguf_path, "' has no merges and ", model.config.vocab_size,
+                                         " tokens: neither GPT-2's BPE nor the byte vocabulary of ",
+                                         byte_tokenizer::vocab_size()));
   save_gpt2(hf_dir, model.weights);
   save_gguf_vocab(hf_dir, vocab);
   (void)tokenizer::from_folder(hf_dir, model.config.vocab_size);  // the folder must load as it will be used
@@ -417,7 +447,8 @@ inline io::peft_adapter gpt2_gguf_lora_to_peft(const io::gguf_lora_adapter& adap
     pm.b = m.b;
     out.modules.push_back(std::move(pm));
     ranks.push_back(m.rank());
-    alphas.push_back(m.scaling * static_cast<double>(m.rank()));  // PEFT: s = alpha / r
+    // llama.cpp's s = alpha / r (alpha 0: s = 1, i.e. alpha = r); PEFT's s = lora_alpha / r.
+    alphas.push_back(adapter.alpha != 0.0 ? adapter.alpha : static_cast<double>(m.rank()));
     const std::string t = path->substr(path->find('.', 14) + 1);  // "attn.c_attn" ...
     if (std::find(targets.begin(), targets.end(), t) == targets.end()) targets.push_back(t);
   }
