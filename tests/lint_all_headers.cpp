@@ -67,4 +67,6 @@
 #include <lora/optim/sgd.hpp>
 #include <lora/optim/step_guard.hpp>
 #include <lora/parameter.hpp>
+#include <lora/quant/nf4.hpp>
+#include <lora/quant/quantized_matrix.hpp>
 #include <lora/random.hpp>
