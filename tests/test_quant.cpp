@@ -58,6 +58,19 @@ TEST(QuantNf4, BlocksSpanRowsAndTheLastOneMayBeShort) {
   expect_error<lora::config_error>([&] { q::nf4_quantize(x.data(), x.size(), 48); }, {"48", "power of two"});
 }
 
+TEST(QuantNf4, RowsStartingInTheMiddleOfAByteDecodeElementByElement) {
+  // 3 x 33: rows 1 and 2 start at odd flat offsets and blocks of 64 span rows.
+  const lora::matrix<float> w = random_weight(3, 33, 6);
+  const Eigen::Matrix<float, 3, 33, Eigen::RowMajor> rm = w;
+  const q::nf4_blocks b = q::nf4_quantize(rm.data(), 99);
+  const lora::matrix<float> d = q::quantized_matrix::quantize(w, q::qtype::nf4).dequantize<float>();
+  for (std::size_t i = 0; i < 99; ++i) {
+    const std::uint8_t byte = b.packed[i / 2];
+    const float want = q::nf4_code[i % 2 == 0 ? byte >> 4 : byte & 15] * b.absmax[i / 64];
+    EXPECT_EQ(d(static_cast<lora::index>(i / 33), static_cast<lora::index>(i % 33)), want) << i;
+  }
+}
+
 TEST(QuantNf4, DynamicMapAndDoubleQuantization) {
   const auto& map = q::nf4_dynamic_map();
   for (std::size_t k = 1; k < map.size(); ++k) EXPECT_LT(map[k - 1], map[k]) << k;

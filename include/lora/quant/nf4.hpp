@@ -128,12 +128,47 @@ inline nf4_blocks nf4_quantize(const float* x, std::size_t n, std::size_t block)
   return q;
 }
 
-inline void nf4_dequantize(const nf4_blocks& q, std::size_t begin, std::size_t end, float* out) noexcept {
-  for (std::size_t i = begin; i < end; ++i) {
-    const std::uint8_t byte = q.packed[i / 2];
-    const std::uint8_t code = i % 2 == 0 ? byte >> 4 : byte & 15;
-    out[i - begin] = nf4_code[code] * q.absmax[i / q.block];
+namespace detail {
+
+/// Both codes of every byte (high nibble first), so that a byte decodes with one table load.
+inline const std::array<std::array<float, 2>, 256>& nf4_pair_table() noexcept {
+  static const std::array<std::array<float, 2>, 256> table = [] {
+    std::array<std::array<float, 2>, 256> t{};
+    for (std::size_t b = 0; b < 256; ++b) t[b] = {nf4_code[b >> 4], nf4_code[b & 15]};
+    return t;
+  }();
+  return table;
+}
+
+/// Elements [begin, end) of packed codes, element i scaled by absmax_of(block of i), into out.
+template <typename AbsmaxOf>
+void nf4_decode(const std::uint8_t* packed, std::size_t block, std::size_t begin, std::size_t end, float* out,
+                AbsmaxOf&& absmax_of) noexcept {
+  const auto& pairs = nf4_pair_table();
+  std::size_t i = begin;
+  while (i < end) {
+    const std::size_t b = i / block, stop = std::min(end, (b + 1) * block);
+    const float a = absmax_of(b);
+    if (i % 2 == 1) {  // an odd start: the low nibble of a byte
+      out[i - begin] = nf4_code[packed[i / 2] & 15] * a;
+      ++i;
+    }
+    for (; i + 1 < stop; i += 2) {
+      const auto& p = pairs[packed[i / 2]];
+      out[i - begin] = p[0] * a;
+      out[i + 1 - begin] = p[1] * a;
+    }
+    if (i < stop) {  // an odd end: the high nibble of a byte
+      out[i - begin] = nf4_code[packed[i / 2] >> 4] * a;
+      ++i;
+    }
   }
+}
+
+}  // namespace detail
+
+inline void nf4_dequantize(const nf4_blocks& q, std::size_t begin, std::size_t end, float* out) noexcept {
+  detail::nf4_decode(q.packed.data(), q.block, begin, end, out, [&](std::size_t b) { return q.absmax[b]; });
 }
 
 namespace detail {

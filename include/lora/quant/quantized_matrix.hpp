@@ -200,13 +200,10 @@ inline void quantized_matrix::decode_row(index r, float* out) const {
     for (std::size_t c = 0; c < cols; ++c) out[c] = scale * static_cast<float>(static_cast<std::int8_t>(q[c]));
   } else if (m_type == qtype::nf4) {
     nf4_dequantize(m_nf4, static_cast<std::size_t>(r) * cols, static_cast<std::size_t>(r + 1) * cols, out);
-  } else {  // nf4_dq: the block absmax rebuilt from its 8-bit code
+  } else {  // nf4_dq: each block's absmax rebuilt from its 8-bit code
     const std::size_t begin = static_cast<std::size_t>(r) * cols;
-    for (std::size_t i = begin; i < begin + cols; ++i) {
-      const std::uint8_t byte = m_nf4.packed[i / 2];
-      const std::uint8_t code = i % 2 == 0 ? byte >> 4 : byte & 15;
-      out[i - begin] = nf4_code[code] * m_dq.absmax(i / m_nf4.block);
-    }
+    detail::nf4_decode(m_nf4.packed.data(), m_nf4.block, begin, begin + cols, out,
+                       [&](std::size_t b) { return m_dq.absmax(b); });
   }
 }
 
