@@ -67,6 +67,7 @@
 #include <lora/optim/sgd.hpp>
 #include <lora/optim/step_guard.hpp>
 #include <lora/parameter.hpp>
+#include <lora/quant/fused.hpp>
 #include <lora/quant/nf4.hpp>
 #include <lora/quant/quantized_matrix.hpp>
 #include <lora/random.hpp>

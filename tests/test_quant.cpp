@@ -127,9 +127,10 @@ TEST(QuantMatrix, EveryFormatStoresWhatItShouldAndRoundTripsWithinItsStep) {
 }
 
 template <typename Scalar>
-void check_products(q::qtype type, Scalar tol) {
-  // cols 8192: panels of 8 rows (float) or 4 -> 8 (double), so 20 rows take several panels and a short one.
-  const lora::index rows = 20, cols = 8192, n = 3;
+void check_products(q::qtype type, Scalar tol, lora::index n) {
+  // cols 8192: panels of 8 rows (float) or 4 -> 8 (double), so 20 rows take several panels and a short one;
+  // in float, up to 4 input rows go through the fused kernels (quant/fused.hpp) where they apply.
+  const lora::index rows = 20, cols = 8192;
   const q::quantized_matrix w = q::quantized_matrix::quantize(random_weight(rows, cols, 3), type);
   const lora::matrix<Scalar> dense = w.dequantize<Scalar>();
   std::mt19937 rng(4);
@@ -141,7 +142,7 @@ void check_products(q::qtype type, Scalar tol) {
   lora::matrix<Scalar> y(n, rows);
   q::qgemm_forward<Scalar>(x, w, y, ws);
   const lora::matrix<Scalar> y_ref = x * dense.transpose();
-  EXPECT_LE((y - y_ref).cwiseAbs().maxCoeff(), tol * y_ref.cwiseAbs().maxCoeff()) << q::qtype_name(type);
+  EXPECT_LE((y - y_ref).cwiseAbs().maxCoeff(), tol * y_ref.cwiseAbs().maxCoeff()) << q::qtype_name(type) << " n " << n;
   lora::matrix<Scalar> dx = lora::matrix<Scalar>::Ones(n, cols);
   q::qgemm_backward_input<Scalar>(dy, w, dx, ws);
   const lora::matrix<Scalar> dx_ref = lora::matrix<Scalar>::Ones(n, cols) + dy * dense;
@@ -151,9 +152,33 @@ void check_products(q::qtype type, Scalar tol) {
 TEST(QuantMatrix, PanelProductsEqualTheDenseProductOfTheDequantizedWeight) {
   for (auto t : {q::qtype::f32, q::qtype::bf16, q::qtype::int8, q::qtype::nf4, q::qtype::nf4_dq, q::qtype::q8_0,
                  q::qtype::q4_0}) {
-    check_products<float>(t, 1e-5f);
-    check_products<double>(t, 1e-12);
+    for (lora::index n : {1, 3, 4, 5}) check_products<float>(t, 1e-5f, n);
+    check_products<double>(t, 1e-12, 3);
   }
+}
+
+TEST(QuantMatrix, FusedKernelsApplyWhereRowsAreWholeBlocks) {
+  const lora::matrix<float> x = lora::matrix<float>::Random(2, 64);
+  float* ys[2];
+  const float* xs[2];
+  std::vector<float> y0(8), y1(8);
+  const Eigen::Matrix<float, 2, 64, Eigen::RowMajor> xr = x;
+  xs[0] = xr.row(0).data();
+  xs[1] = xr.row(1).data();
+  ys[0] = y0.data();
+  ys[1] = y1.data();
+  for (auto t : {q::qtype::nf4, q::qtype::nf4_dq, q::qtype::q8_0, q::qtype::q4_0, q::qtype::int8}) {
+    const q::quantized_matrix w = q::quantized_matrix::quantize(random_weight(8, 64, 7), t);
+    EXPECT_EQ(w.fused_forward(2, xs, ys), LORA_QUANT_FUSED == 1) << q::qtype_name(t);
+    if (LORA_QUANT_FUSED) {
+      const lora::matrix<float> ref = x * w.dequantize<float>().transpose();
+      for (int r = 0; r < 8; ++r) EXPECT_NEAR(y1[static_cast<std::size_t>(r)], ref(1, r), 1e-5f) << q::qtype_name(t);
+    }
+  }
+  // Not whole blocks, or no codes to decode: the caller takes the panel products.
+  EXPECT_FALSE(q::quantized_matrix::quantize(random_weight(8, 96, 8), q::qtype::nf4).fused_forward(2, xs, ys));
+  EXPECT_FALSE(q::quantized_matrix::quantize(random_weight(8, 60, 8), q::qtype::int8).fused_forward(2, xs, ys));
+  EXPECT_FALSE(q::quantized_matrix::quantize(random_weight(8, 64, 8), q::qtype::f32).fused_forward(2, xs, ys));
 }
 
 TEST(QuantMatrix, ProductsCheckShapes) {

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <iterator>
 #include <string>
 #include <string_view>
@@ -31,6 +32,7 @@
 #include "../config.hpp"
 #include "../error.hpp"
 #include "../io/ggml_types.hpp"
+#include "fused.hpp"
 #include "nf4.hpp"
 
 namespace lora::quant {
@@ -67,6 +69,11 @@ class quantized_matrix {
   template <typename Scalar>
   matrix<Scalar> dequantize() const;
 
+  /// y[j][0 .. rows) = deq(W) · x[j] for j < n ≤ 4, x[j] contiguous cols floats, by the fused kernels of
+  /// quant/fused.hpp; false (nothing written) where they do not apply: f32, bf16, f16, rows not made of
+  /// whole blocks (NF4: cols % 64, int8: cols % 8), or a build without AVX2 + FMA.
+  bool fused_forward(int n, const float* const* x, float* const* y) const noexcept;
+
  private:
   /// Row r decoded to float32 (cols values).
   void decode_row(index r, float* out) const;
@@ -79,16 +86,43 @@ class quantized_matrix {
   nf4_double_quant m_dq;              ///< nf4_dq
 };
 
-/// The panel buffer of the products: kept between calls so that they allocate nothing once warm.
+/// The buffers of the products, kept between calls so that they allocate nothing once warm: the panel of
+/// dequantized rows, and contiguous copies of a few input and output rows for the fused kernels.
 template <typename Scalar>
 struct qgemm_workspace {
   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> panel;
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> x_rows, y_rows;
 };
+
+/// Inputs of at most this many rows go through the fused kernels (quant/fused.hpp) where they apply.
+inline constexpr index qgemm_fused_max_rows = 4;
 
 /// Rows of W per panel: about 256 KiB of Scalars, at least 8 rows.
 index qgemm_panel_rows(index cols, std::size_t scalar_size) noexcept;
 
 /// Y (n x rows) = X (n x cols) · deq(W)ᵀ. shape_error when X has other than cols columns.
+namespace detail {
+
+/// The fused forward of a few rows: X's rows copied contiguous, the kernels, Y's rows copied back; false
+/// when the kernels do not apply to `w`.
+inline bool qgemm_fused(const Eigen::Ref<const matrix<float>>& x, const quantized_matrix& w,
+                        Eigen::Ref<matrix<float>> y, qgemm_workspace<float>& ws) {
+  ws.x_rows.resize(x.rows(), x.cols());  // no allocation when the shape repeats
+  ws.y_rows.resize(y.rows(), y.cols());
+  ws.x_rows = x;
+  const float* xs[qgemm_fused_max_rows];
+  float* ys[qgemm_fused_max_rows];
+  for (index j = 0; j < x.rows(); ++j) {
+    xs[j] = ws.x_rows.row(j).data();
+    ys[j] = ws.y_rows.row(j).data();
+  }
+  if (!w.fused_forward(static_cast<int>(x.rows()), xs, ys)) return false;
+  y = ws.y_rows;
+  return true;
+}
+
+}  // namespace detail
+
 template <typename Scalar>
 void qgemm_forward(const Eigen::Ref<const matrix<Scalar>>& x, const quantized_matrix& w, Eigen::Ref<matrix<Scalar>> y,
                    qgemm_workspace<Scalar>& ws);
@@ -207,6 +241,60 @@ inline void quantized_matrix::decode_row(index r, float* out) const {
   }
 }
 
+inline bool quantized_matrix::fused_forward(int n, const float* const* x, float* const* y) const noexcept {
+#if LORA_QUANT_FUSED
+  const std::uint8_t* bytes = m_bytes.data();
+  const index cols = m_cols;
+  if (m_type == qtype::nf4 || m_type == qtype::nf4_dq) {
+    if (m_nf4.block != 64 || cols % 64 != 0) return false;
+    const __m256 lo = _mm256_loadu_ps(nf4_code.data()), hi = _mm256_loadu_ps(nf4_code.data() + 8);
+    const std::uint8_t* packed = m_nf4.packed.data();
+    auto decode = [&](index r, index b, index k) {
+      return detail::nf4_decode8(packed + (r * cols + b * 64 + 8 * k) / 2, lo, hi);
+    };
+    const auto block_of = [cols](index r, index b) { return static_cast<std::size_t>(r * (cols / 64) + b); };
+    if (m_type == qtype::nf4) {
+      detail::fused_rows_n(n, m_rows, cols, 64, x, y, decode,
+                           [&](index r, index b) { return m_nf4.absmax[block_of(r, b)]; });
+    } else {
+      detail::fused_rows_n(n, m_rows, cols, 64, x, y, decode,
+                           [&](index r, index b) { return m_dq.absmax(block_of(r, b)); });
+    }
+    return true;
+  }
+  if (m_type == qtype::q8_0 || m_type == qtype::q4_0) {
+    const bool q8 = m_type == qtype::q8_0;
+    const index block_bytes = q8 ? 34 : 18, row_bytes = cols / 32 * block_bytes;
+    auto at = [=](index r, index b) { return bytes + r * row_bytes + b * block_bytes; };
+    auto scale = [&](index r, index b) {
+      std::uint16_t h;
+      std::memcpy(&h, at(r, b), 2);
+      return io::detail::ggml_fp16_to_fp32(h);
+    };
+    if (q8) {
+      detail::fused_rows_n(
+          n, m_rows, cols, 32, x, y,
+          [&](index r, index b, index k) { return detail::i8_decode8(at(r, b) + 2 + 8 * k); }, scale);
+    } else {  // elements 0..15: low nibbles of bytes 0..15; 16..31: their high nibbles
+      detail::fused_rows_n(
+          n, m_rows, cols, 32, x, y,
+          [&](index r, index b, index k) { return detail::q4_decode8(at(r, b) + 2 + 8 * (k % 2), k >= 2); }, scale);
+    }
+    return true;
+  }
+  if (m_type == qtype::int8 && cols % 8 == 0) {
+    detail::fused_rows_n(
+        n, m_rows, cols, cols, x, y,
+        [&](index r, index, index k) { return detail::i8_decode8(bytes + r * cols + 8 * k); },
+        [&](index r, index) { return m_scales[static_cast<std::size_t>(r)]; });
+    return true;
+  }
+#else
+  (void)n, (void)x, (void)y;
+#endif
+  return false;
+}
+
 template <typename Scalar>
 void quantized_matrix::dequantize_rows(index r0, index r1, Scalar* out) const {
   LORA_ASSERT(0 <= r0 && r0 <= r1 && r1 <= m_rows);
@@ -241,6 +329,9 @@ void qgemm_forward(const Eigen::Ref<const matrix<Scalar>>& x, const quantized_ma
     throw shape_error(detail::cat("qgemm_forward: X ", detail::shape_str(x.rows(), x.cols()), " · W ",
                                   detail::shape_str(w.rows(), w.cols()), "ᵀ into Y ",
                                   detail::shape_str(y.rows(), y.cols())));
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (x.rows() >= 1 && x.rows() <= qgemm_fused_max_rows && detail::qgemm_fused(x, w, y, ws)) return;
+  }
   const index p = qgemm_panel_rows(w.cols(), sizeof(Scalar));
   for (index r0 = 0; r0 < w.rows(); r0 += p) {
     const index m = std::min(p, w.rows() - r0);
