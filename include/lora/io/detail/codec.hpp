@@ -19,6 +19,7 @@
 #include "../../config.hpp"
 #include "../../error.hpp"
 #include "../dtype.hpp"
+#include "../ggml_types.hpp"
 
 namespace lora::io::detail {
 
@@ -135,20 +136,7 @@ inline std::uint16_t to_bfloat16_bits(double x) noexcept {
   return static_cast<std::uint16_t>(round_to_binary<8, 7>(x));
 }
 
-inline float from_half_bits(std::uint16_t bits) noexcept {
-  const std::uint32_t sign = static_cast<std::uint32_t>(bits & 0x8000) << 16;
-  const std::uint32_t exponent = (bits >> 10) & 0x1F;
-  const std::uint32_t mantissa = bits & 0x3FF;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
-    const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
-    return sign != 0 ? -magnitude : magnitude;
-  }
-  // Normal: rebias 15 -> 127; Inf and NaN (payload kept) map to exponent 255.
-  const std::uint32_t out = sign | ((exponent == 0x1F ? 0xFFu : exponent + 112) << 23) | (mantissa << 13);
-  float value;
-  std::memcpy(&value, &out, sizeof value);
-  return value;
-}
+inline float from_half_bits(std::uint16_t bits) noexcept { return ggml_fp16_to_fp32(bits); }  // io/ggml_types.hpp
 
 inline float from_bfloat16_bits(std::uint16_t bits) noexcept {
   const std::uint32_t out = static_cast<std::uint32_t>(bits) << 16;
