@@ -128,9 +128,9 @@ TEST(QuantMatrix, EveryFormatStoresWhatItShouldAndRoundTripsWithinItsStep) {
 
 template <typename Scalar>
 void check_products(q::qtype type, Scalar tol, lora::index n) {
-  // cols 8192: panels of 8 rows (float) or 4 -> 8 (double), so 20 rows take several panels and a short one;
+  // cols 8192: panels of 64 rows (float) or 32 (double), so 150 rows take several panels and a short one;
   // in float, up to 4 input rows go through the fused kernels (quant/fused.hpp) where they apply.
-  const lora::index rows = 20, cols = 8192;
+  const lora::index rows = 150, cols = 8192;
   const q::quantized_matrix w = q::quantized_matrix::quantize(random_weight(rows, cols, 3), type);
   const lora::matrix<Scalar> dense = w.dequantize<Scalar>();
   std::mt19937 rng(4);

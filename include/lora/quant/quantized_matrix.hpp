@@ -13,8 +13,8 @@
 //            rows must be multiples of 32 long (io/ggml_types.hpp)
 //
 // Products (quant/qgemm below): Y = X deq(W)ᵀ (forward) and dX += dY deq(W) (backward to the input), by
-// panels of rows of W dequantized into a workspace of about 256 KiB and multiplied with Eigen's GEMM;
-// the workspace is kept, so repeated calls allocate nothing.
+// panels of rows of W dequantized into a workspace of about 2 MiB (thinner panels make thin, slow GEMMs) and multiplied
+// with Eigen's GEMM; the workspace is kept, so repeated calls allocate nothing.
 #pragma once
 
 #include <Eigen/Core>
@@ -97,7 +97,7 @@ struct qgemm_workspace {
 /// Inputs of at most this many rows go through the fused kernels (quant/fused.hpp) where they apply.
 inline constexpr index qgemm_fused_max_rows = 4;
 
-/// Rows of W per panel: about 256 KiB of Scalars, at least 8 rows.
+/// Rows of W per panel: about 2 MiB of Scalars, at least 8 rows.
 index qgemm_panel_rows(index cols, std::size_t scalar_size) noexcept;
 
 /// Y (n x rows) = X (n x cols) · deq(W)ᵀ. shape_error when X has other than cols columns.
@@ -318,7 +318,7 @@ matrix<Scalar> quantized_matrix::dequantize() const {
 }
 
 inline index qgemm_panel_rows(index cols, std::size_t scalar_size) noexcept {
-  const auto budget = static_cast<index>((std::size_t{256} << 10) / scalar_size);
+  const auto budget = static_cast<index>((std::size_t{2048} << 10) / scalar_size);
   return std::max<index>(8, budget / std::max<index>(cols, 1));
 }
 

@@ -1,0 +1,80 @@
+// bench_quant: the frozen weight stored quantized (quant/quantized_matrix.hpp) against the same product on
+// the float32 weight, back to back on the same operands in one loop; counters are ratios of medians.
+//
+//  bm_forward   Y = X deq(W)ᵀ (inference, and the first product of a training step) against Y = X Wᵀ
+//  bm_backward  dX += dY deq(W) (what the layers below need in training) against dX += dY W
+//
+// Arguments: d = in = out, n = rows per call (1 = a decode step, 512 = a training micro-batch), and the
+// storage (0 bf16, 1 int8, 2 q8_0, 3 q4_0, 4 nf4, 5 nf4_dq). Counters: base_us (float32), quant_over_f32,
+// bits_per_weight. One thread unless OPENBLAS_NUM_THREADS says otherwise; the kernels of quant/ run on the
+// calling thread.
+#include <benchmark/benchmark.h>
+
+#include <lora/quant/quantized_matrix.hpp>
+#include <vector>
+
+#include "bench_common.hpp"
+
+namespace {
+
+using lora_bench::median;
+using lora_bench::random;
+using lora_bench::seconds;
+using mat = lora::matrix<float>;
+
+constexpr lora::quant::qtype storages[] = {lora::quant::qtype::bf16, lora::quant::qtype::int8,
+                                           lora::quant::qtype::q8_0, lora::quant::qtype::q4_0,
+                                           lora::quant::qtype::nf4,  lora::quant::qtype::nf4_dq};
+
+void report(benchmark::State& st, const std::vector<double>& base, const std::vector<double>& quant,
+            const lora::quant::quantized_matrix& w) {
+  st.counters["base_us"] = 1e6 * median(base);
+  st.counters["quant_over_f32"] = median(quant) / median(base);
+  st.counters["bits_per_weight"] = w.bits_per_weight();
+  st.SetLabel(lora::quant::qtype_name(w.type()));
+}
+
+void bm_forward(benchmark::State& st) {
+  const lora::index d = st.range(0), n = st.range(1);
+  const mat w = random(d, d, 1) * 0.02f, x = random(n, d, 2);
+  const auto q = lora::quant::quantized_matrix::quantize(w, storages[st.range(2)]);
+  lora::quant::qgemm_workspace<float> ws;
+  mat y(n, d);
+  std::vector<double> t_base, t_quant;
+  for (auto _ : st) {
+    t_base.push_back(seconds([&] { y.noalias() = x * w.transpose(); }));
+    t_quant.push_back(seconds([&] { lora::quant::qgemm_forward<float>(x, q, y, ws); }));
+    benchmark::DoNotOptimize(y.data());
+  }
+  report(st, t_base, t_quant, q);
+}
+
+void bm_backward(benchmark::State& st) {
+  const lora::index d = st.range(0), n = st.range(1);
+  const mat w = random(d, d, 3) * 0.02f, dy = random(n, d, 4);
+  const auto q = lora::quant::quantized_matrix::quantize(w, storages[st.range(2)]);
+  lora::quant::qgemm_workspace<float> ws;
+  mat dx = mat::Zero(n, d);
+  std::vector<double> t_base, t_quant;
+  for (auto _ : st) {
+    t_base.push_back(seconds([&] { dx.noalias() += dy * w; }));
+    t_quant.push_back(seconds([&] { lora::quant::qgemm_backward_input<float>(dy, q, dx, ws); }));
+    benchmark::DoNotOptimize(dx.data());
+  }
+  report(st, t_base, t_quant, q);
+}
+
+BENCHMARK(bm_forward)
+    ->ArgNames({"d", "n", "storage"})
+    ->ArgsProduct({{1024, 4096}, {1, 8, 64, 512}, {0, 1, 2, 3, 4, 5}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.2);
+BENCHMARK(bm_backward)
+    ->ArgNames({"d", "n", "storage"})
+    ->ArgsProduct({{1024, 4096}, {8, 64, 512}, {0, 1, 2, 3, 4, 5}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.2);
+
+}  // namespace
+
+BENCHMARK_MAIN();
