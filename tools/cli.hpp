@@ -26,6 +26,12 @@ inline void print_error(const char* tool, const std::string& message) {
   std::fprintf(stderr, "%s: error: %s\n", tool, line.c_str());
 }
 
+/// The value after flag argv[i] (advancing i past it); usage_error when the command line ends first.
+inline std::string flag_value(int argc, char** argv, int& i) {
+  if (i + 1 >= argc) throw usage_error{std::string(argv[i]) + " needs a value"};
+  return argv[++i];
+}
+
 /// A finite number from a flag's text; usage_error naming the flag otherwise.
 inline double parse_number(const std::string& flag, const std::string& text) {
   char* end = nullptr;

@@ -64,10 +64,7 @@ arguments parse(int argc, char** argv) {
   arguments a;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw usage_error{flag + " needs a value"};
-      return argv[++i];
-    };
+    auto value = [&] { return lora_cli::flag_value(argc, argv, i); };
     if (flag == "--help" || flag == "-h") {
       a.help = true;
     } else if (flag == "--base") {
