@@ -70,4 +70,5 @@
 #include <lora/quant/fused.hpp>
 #include <lora/quant/nf4.hpp>
 #include <lora/quant/quantized_matrix.hpp>
+#include <lora/quant/requant_error.hpp>
 #include <lora/random.hpp>
