@@ -71,4 +71,5 @@
 #include <lora/quant/nf4.hpp>
 #include <lora/quant/quantized_matrix.hpp>
 #include <lora/quant/requant_error.hpp>
+#include <lora/detail/linear_quant.hpp>
 #include <lora/random.hpp>

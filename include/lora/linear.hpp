@@ -18,6 +18,12 @@
 // W (out x in) or Wᵀ (in x out); a row-major W is the same memory as a column-major Wᵀ, so nothing is
 // transposed or copied.
 //
+// Or the weight is quantized (quant/quantized_matrix.hpp: bf16, f16, int8, NF4, Q8_0, Q4_0 ...): the layer
+// owns the codes, and the products X deq(W)ᵀ and dY deq(W) run by panels or fused kernels without ever
+// forming deq(W) whole (QLoRA's setting; docs/CONVENTIONS.md §quant). The adapter API is the same. A merge
+// into a quantized weight re-quantizes W + s B A (it cannot be exact; merge_error() says by how much) and
+// keeps the original codes, so that unmerge restores them byte for byte. Definitions: detail/linear_quant.hpp.
+//
 // The adapter API (add/select/merge/parameters/report...) comes from layer_base (layer.hpp); the private
 // core_* primitives below are what it calls on each part. Their definitions are in detail/linear_core.hpp.
 #pragma once
@@ -39,6 +45,8 @@
 #include "error.hpp"
 #include "layer.hpp"
 #include "parameter.hpp"
+#include "quant/quantized_matrix.hpp"
+#include "quant/requant_error.hpp"
 
 namespace lora {
 
@@ -58,6 +66,7 @@ inline constexpr view_t view{};
 template <typename Scalar>
 struct inference_workspace {
   std::vector<Scalar> buffer;
+  quant::qgemm_workspace<Scalar> quant;  // a quantized weight's panels
 };
 
 template <typename Scalar_>
@@ -93,6 +102,9 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   linear(view_t, Eigen::Ref<row_major_matrix, 0, Eigen::OuterStride<>> weight, std::string name = "linear",
          weight_layout layout = weight_layout::out_in);
 
+  /// Owns a quantized frozen weight W (out x in).
+  explicit linear(quant::quantized_matrix weight, std::string name = "linear");
+
   /// Sets (copies) the frozen bias, length out.
   template <typename BiasDerived>
   void set_bias(const Eigen::MatrixBase<BiasDerived>& bias);
@@ -109,8 +121,11 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   bool is_view() const noexcept { return m_view_data != nullptr; }
   /// The frozen weight (including merged adapters) as a fresh out x in matrix.
   matrix_type weight() const;
-  /// The storage the layer reads: W (out x in) or, when weight_is_transposed(), Wᵀ (in x out).
+  /// The storage the layer reads: W (out x in) or, when weight_is_transposed(), Wᵀ (in x out). state_error
+  /// for a quantized weight (see quantized_weight()).
   const_stored_map stored_weight() const {
+    if (m_quantized)
+      throw state_error(where() + ": the weight is quantized; read it with weight() or quantized_weight()");
     return const_stored_map(data(), m_rows, m_cols, Eigen::OuterStride<>(m_stride));
   }
   bool weight_is_transposed() const noexcept { return m_transposed; }
@@ -119,6 +134,22 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   /// adapter is merged, shape_error on a shape mismatch.
   template <typename Derived>
   void set_weight(const Eigen::MatrixBase<Derived>& w);
+
+  // --- quantized weights (detail/linear_quant.hpp) --------------------------------------------------
+
+  /// Re-stores the frozen weight as `type`: quantized from the current weight, or, for qtype::f32, as a
+  /// plain owned Scalar matrix again (deq(W): the "dequantized copy"). A view stops reading the user's
+  /// memory. state_error while adapters are merged; shape_error for a format whose rows must be whole
+  /// blocks (q8_0, q4_0: in a multiple of 32).
+  void set_weight_storage(quant::qtype type);
+  /// qtype::f32 for a plain Scalar weight (float or double), else the quantized format.
+  quant::qtype weight_storage() const noexcept { return m_quantized ? m_quant.type() : quant::qtype::f32; }
+  bool is_quantized() const noexcept { return m_quantized; }
+  /// The quantized weight; state_error for a plain one.
+  const quant::quantized_matrix& quantized_weight() const;
+  /// What re-quantizing W + Σ s B A changed when the merged adapters went into a quantized weight (zeros
+  /// when nothing is merged, or the weight is plain: then merges are exact).
+  const quant::requant_error& merge_error() const noexcept { return m_merge_error; }
 
   // --- training ----------------------------------------------------------------------------------
 
@@ -200,9 +231,8 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   /// Adapters that the unmerged low-rank path runs: active, unmerged, adapters enabled.
   bool participates(const adapter_type& a) const { return !m_disabled && !a.m_merged && is_active(a.m_name); }
   bool dora_participates() const;
-  vector_type dora_norm(const adapter_type& a) const {
-    return detail::dora_norm<Scalar>(stored_weight(), m_transposed, a.m_a, a.m_b, a.m_scaling);
-  }
+  /// ‖W + s B A‖ per output row (DoRA); over a quantized W from W Aᵀ = (A deq(W)ᵀ)ᵀ and the cached row norms.
+  vector_type dora_norm(const adapter_type& a) const;
   void invalidate_cache();
   void check_input(index rows, index cols, const char* what) const;
   template <typename Derived>
@@ -211,12 +241,12 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
                   "lora::linear: the operand's scalar type differs from the layer's (mismatched dtypes); "
                   "cast it with .template cast<Scalar>()");
   }
-  /// P = X Wᵀ without the bias, whichever way W is stored.
+  /// P = X Wᵀ without the bias, whichever way W is stored (qws: a quantized W's panels).
   template <typename X, typename Y>
-  void base_product(const X& x, Y& y) const;
+  void base_product(const X& x, Y& y, quant::qgemm_workspace<Scalar>& qws) const;
   /// dX = dY W, whichever way W is stored.
   template <typename DY, typename DX>
-  void base_backward(const DY& dy, DX& dx) const;
+  void base_backward(const DY& dy, DX& dx, quant::qgemm_workspace<Scalar>& qws) const;
   /// Y = X Wᵀ + b, or with DoRA adapters taking part (X Wᵀ) ⊙ c + b (dora.hpp).
   template <typename X>
   void forward_base(const X& x, Eigen::Ref<matrix_type> y);
@@ -232,6 +262,13 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
                  inference_workspace<Scalar>& ws) const;
   /// The merge record of `group` (their stacked factors, and DoRA's gain).
   detail::merge_record<Scalar> make_record(const std::vector<std::string>& group) const;
+  /// Takes a quantized_matrix as the weight (the shape checked, the row norms cached).
+  void adopt_quantized(quant::quantized_matrix q);
+  /// deq(original codes) with the records applied in order, then `extra`: the exact merged weight.
+  matrix_type quant_merged_weight(const std::vector<detail::merge_record<Scalar>>& extra) const;
+  /// core_merge / core_pop_merges for a quantized weight: re-quantize from the kept codes.
+  int quant_merge(std::vector<detail::merge_record<Scalar>> records, const std::vector<std::string>& chosen, bool safe);
+  void quant_pop_merges(int records);
 
   std::string m_name;
   adapter_kind m_kind = adapter_kind::dense;  // an embedding's table creates embedding adapters
@@ -242,6 +279,13 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   index m_rows = 0, m_cols = 0, m_stride = 0;
   bool m_transposed = false;
   vector_type m_bias;
+  // A quantized weight (m_quantized): its codes, the original codes while adapters are merged, the row norms
+  // ‖deq(W)_o‖² (DoRA), the error of the last re-quantizing merge, and the training products' panels.
+  bool m_quantized = false;
+  quant::quantized_matrix m_quant, m_quant_kept;
+  vector_type m_quant_row_sq;
+  quant::requant_error m_merge_error;
+  quant::qgemm_workspace<Scalar> m_qws;
 
   std::list<adapter_type> m_adapters;  // a list: references to adapters stay valid as others come and go
   std::vector<std::string> m_active;
@@ -333,6 +377,7 @@ void linear<Scalar>::set_bias(const Eigen::MatrixBase<BiasDerived>& bias) {
 
 template <typename Scalar>
 typename linear<Scalar>::matrix_type linear<Scalar>::weight() const {
+  if (m_quantized) return m_quant.template dequantize<Scalar>();
   if (m_transposed) return stored_weight().transpose();
   return stored_weight();
 }
@@ -346,7 +391,9 @@ void linear<Scalar>::set_weight(const Eigen::MatrixBase<Derived>& w) {
   if (w.rows() != m_out || w.cols() != m_in)
     throw shape_error(detail::cat(where(), ": new weight must be ", detail::shape_str(m_out, m_in), " (out x in), got ",
                                   detail::shape_str(w.rows(), w.cols())));
-  if (m_transposed) {
+  if (m_quantized) {
+    adopt_quantized(quant::quantized_matrix::quantize(w, m_quant.type()));
+  } else if (m_transposed) {
     stored() = w.transpose();
   } else {
     stored() = w;
@@ -366,8 +413,11 @@ void linear<Scalar>::check_input(index rows, index cols, const char* what) const
 
 template <typename Scalar>
 template <typename X, typename Y>
-void linear<Scalar>::base_product(const X& x, Y& y) const {
-  if (m_transposed) {
+void linear<Scalar>::base_product(const X& x, Y& y, quant::qgemm_workspace<Scalar>& qws) const {
+  if (m_quantized) {
+    if constexpr (std::is_same_v<Y, matrix_type>) y.resize(x.rows(), m_out);
+    quant::qgemm_forward<Scalar>(x, m_quant, y, qws);
+  } else if (m_transposed) {
     y.noalias() = x * stored_weight();  // stored Wᵀ is in x out
   } else {
     y.noalias() = x * stored_weight().transpose();
@@ -376,8 +426,11 @@ void linear<Scalar>::base_product(const X& x, Y& y) const {
 
 template <typename Scalar>
 template <typename DY, typename DX>
-void linear<Scalar>::base_backward(const DY& dy, DX& dx) const {
-  if (m_transposed) {
+void linear<Scalar>::base_backward(const DY& dy, DX& dx, quant::qgemm_workspace<Scalar>& qws) const {
+  if (m_quantized) {
+    dx.setZero();
+    quant::qgemm_backward_input<Scalar>(dy, m_quant, dx, qws);
+  } else if (m_transposed) {
     dx.noalias() = dy * stored_weight().transpose();
   } else {
     dx.noalias() = dy * stored_weight();
@@ -419,7 +472,7 @@ void linear<Scalar>::forward_base(const X& x, Eigen::Ref<matrix_type> y) {
   m_dora.active = dora_participates();
   if (m_dora.active) {
     // DoRA: Y = (X Wᵀ) ⊙ c with c = 1 + Σ (g_a − 1); X Wᵀ is kept for dm.
-    base_product(x, m_dora.base);
+    base_product(x, m_dora.base, m_qws);
     m_dora.scale.setOnes(m_out);
     for (auto& a : m_adapters) {
       if (!a.is_dora() || !participates(a)) continue;
@@ -428,7 +481,7 @@ void linear<Scalar>::forward_base(const X& x, Eigen::Ref<matrix_type> y) {
     }
     m_dora.scale_base(y);
   } else {
-    base_product(x, y);
+    base_product(x, y, m_qws);
   }
   if (has_bias()) y.rowwise() += m_bias.transpose();
 }
@@ -493,10 +546,10 @@ void linear<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<m
   m_x.visit([&](const auto& x) {
     if (m_dora.active) {  // dX = (dY ⊙ c) W
       m_dora.dyc.noalias() = dy * m_dora.scale.asDiagonal();
-      if (dx) base_backward(m_dora.dyc, *dx);
+      if (dx) base_backward(m_dora.dyc, *dx, m_qws);
       m_dora.dy_dot_base = dy.cwiseProduct(m_dora.base).colwise().sum().transpose();
     } else if (dx) {
-      base_backward(dy, *dx);  // dX = dY W
+      base_backward(dy, *dx, m_qws);  // dX = dY W
     }
     for (auto& a : m_adapters)
       if (a.m_in_cache) adapter_backward(a, x, dy, dx);
@@ -563,7 +616,7 @@ void linear<Scalar>::run_infer(const detail::input_cache<Scalar>& view, Eigen::R
       gains.push_back(a.m_magnitude.cwiseQuotient(dora_norm(a)));
       c += gains.back() - vector_type::Ones(m_out);
     }
-    base_product(x, y);
+    base_product(x, y, ws.quant);
     if (c.size() > 0) y = y * c.asDiagonal();
     if (has_bias()) y.rowwise() += m_bias.transpose();
     std::size_t next_gain = 0;
@@ -586,3 +639,4 @@ void linear<Scalar>::run_infer(const detail::input_cache<Scalar>& view, Eigen::R
 }  // namespace lora
 
 #include "detail/linear_core.hpp"
+#include "detail/linear_quant.hpp"

@@ -91,7 +91,11 @@ class merged_linear : public layer_base<merged_linear<Scalar_>, Scalar_> {
   /// Rows per slice, out / k.
   index slice_features() const noexcept { return m_slice_out; }
   const std::vector<bool>& enable_lora() const noexcept { return m_enabled; }
-  bool is_view() const noexcept { return m_owned.size() == 0; }
+  bool is_view() const noexcept { return m_owned.size() == 0 && slice(0).is_view(); }
+  /// Re-stores every slice's rows as `type` (lora::linear::set_weight_storage: quantized, or qtype::f32 for
+  /// plain owned rows); the fused float weight this layer owned is released. state_error while merged.
+  void set_weight_storage(quant::qtype type);
+  quant::qtype weight_storage() const noexcept { return m_slices.front().weight_storage(); }
   /// The frozen weight (including merged adapters) as a fresh out x in matrix.
   matrix_type weight() const;
   /// Slice i as a lora::linear over its rows of the fused weight (for inspection, DoRA-free extensions).
@@ -232,6 +236,18 @@ typename merged_linear<Scalar>::matrix_type merged_linear<Scalar>::weight() cons
   matrix_type w(out_features(), m_in);
   for (index i = 0; i < num_slices(); ++i) w.middleRows(i * m_slice_out, m_slice_out) = slice(i).weight();
   return w;
+}
+
+template <typename Scalar>
+void merged_linear<Scalar>::set_weight_storage(quant::qtype type) {
+  if (this->merged())
+    throw state_error(detail::cat(where(), ": cannot change the weight's storage to ", quant::qtype_name(type),
+                                  " while adapters are merged; unmerge() first"));
+  // Check the format on the first slice's shape before any slice changes (all slices share it).
+  if (type != quant::qtype::f32) (void)quant::quantized_matrix::quantize(slice(0).weight().topRows(1), type);
+  for (auto& s : m_slices) s.set_weight_storage(type);
+  // Quantized slices own their codes (and back in f32 their own rows): nothing views m_owned any more.
+  if (type != quant::qtype::f32) m_owned.resize(0, 0);
 }
 
 template <typename Scalar>

@@ -147,6 +147,7 @@ int linear<Scalar>::core_merge(const std::vector<std::string>& chosen, bool safe
   std::vector<detail::merge_record<Scalar>> records;
   if (!dora.empty()) records.push_back(make_record(dora));
   if (!plain.empty()) records.push_back(make_record(plain));
+  if (m_quantized) return quant_merge(std::move(records), chosen, safe);
 
   stored_map w = stored();
   for (std::size_t k = 0; k < records.size(); ++k) {
@@ -167,6 +168,7 @@ int linear<Scalar>::core_merge(const std::vector<std::string>& chosen, bool safe
 
 template <typename Scalar>
 void linear<Scalar>::core_pop_merges(int records) {
+  if (m_quantized) return quant_pop_merges(records);
   stored_map w = stored();
   for (int k = 0; k < records && !m_records.empty(); ++k) {
     detail::unmerge_exact(w, m_records.back());
@@ -180,6 +182,7 @@ void linear<Scalar>::core_pop_merges(int records) {
 template <typename Scalar>
 void linear<Scalar>::core_unload() {
   m_records.clear();
+  m_quant_kept = quant::quantized_matrix();  // the merged codes stay; the originals go
   m_adapters.clear();
   m_active.clear();
   m_disabled = false;
@@ -208,9 +211,12 @@ parameter_report linear<Scalar>::core_report() const {
     if (a.m_in_cache) r.cache_bytes += a.m_h.size() * bytes;
   }
   r.frozen_bytes = r.frozen_params * bytes;  // merged adapters keep their factors for unmerge
+  if (m_quantized)                           // the codes in place of m_in · m_out Scalars
+    r.frozen_bytes += static_cast<std::int64_t>(m_quant.storage_bytes()) - m_in * m_out * bytes;
   if (m_has_cache) r.cache_bytes += static_cast<std::int64_t>(m_x.owned_bytes());
   if (m_has_cache && m_dora.active) r.cache_bytes += m_dora.base.size() * bytes;
   for (const auto& rec : m_records) r.merge_bytes += static_cast<std::int64_t>(rec.bytes());
+  r.merge_bytes += static_cast<std::int64_t>(m_quant_kept.storage_bytes());  // the original codes, for unmerge
   return r;
 }
 

@@ -114,6 +114,15 @@ class gpt2 {
   void unmerge();
   /// Training mode (adapter dropout) or eval mode, on every projection.
   void train(bool on = true);
+  /// Stores every projection's frozen weight as `type` (lora::linear::set_weight_storage: NF4, int8, Q8_0,
+  /// Q4_0, bf16 ...) and releases their float tensors from weights(), which keeps the embeddings, norms
+  /// and biases (QLoRA's setting: the adapters train over a base in fewer bits). qtype::f32 turns quantized
+  /// projections back into plain ones, each owning deq(W) (weights() does not get them back). state_error
+  /// while adapters are merged or the base trains in full; shape_error when d is no multiple of 32 for
+  /// q8_0 / q4_0 (nothing changes then).
+  void set_base_storage(quant::qtype type);
+  /// The projections' storage (qtype::f32: plain).
+  quant::qtype base_storage() const noexcept { return m_layers.front().weight_storage(); }
 
   // --- training ---------------------------------------------------------------------------------
 
@@ -357,9 +366,29 @@ void gpt2<Scalar>::train(bool on) {
 
 template <typename Scalar>
 void gpt2<Scalar>::set_base_training(gpt2_base_training mode) {
+  if (mode == gpt2_base_training::full && !m_weights.released().empty())
+    throw state_error(
+        "gpt2: the projections' weights are stored quantized (set_base_storage), so the base "
+        "cannot train in full; train adapters, or norms_and_head");
   // The gradient buffers, once made, stay (a parameters() list taken earlier keeps pointing into them).
   m_base_training = mode;
-  if (mode != gpt2_base_training::frozen && !m_grads) m_grads = std::make_unique<weights_type>(config());
+  if (mode != gpt2_base_training::frozen && !m_grads)
+    m_grads = std::make_unique<weights_type>(config(), m_weights.released());
+}
+
+template <typename Scalar>
+void gpt2<Scalar>::set_base_storage(quant::qtype type) {
+  if (type != quant::qtype::f32 && m_base_training == gpt2_base_training::full)
+    throw state_error(lora::detail::cat("gpt2: cannot store the base as ", quant::qtype_name(type),
+                                        " while it trains in full (set_base_training(frozen) first)"));
+  for (const auto& layer : m_layers)
+    if (layer.merged()) throw state_error("gpt2: '" + layer.name() + "' has merged adapters; unmerge() first");
+  for (auto& layer : m_layers) layer.set_weight_storage(type);  // the first refuses a bad shape, before any change
+  if (type == quant::qtype::f32) return;
+  std::vector<index> ids;
+  for (index l = 0; l < config().n_layer; ++l)
+    for (int m = 0; m < gpt2_module_count; ++m) ids.push_back(tensor_of(l, static_cast<gpt2_module>(m), false));
+  m_weights.release(ids);
 }
 
 template <typename Scalar>

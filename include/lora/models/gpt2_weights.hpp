@@ -20,7 +20,10 @@
 //
 // Layers view the tensors, so the storage never moves once made: a move hands the same storage over, a
 // copy is a deep copy into a new owned arena, and assignment copies the values into the existing tensors
-// (shape_error unless both have the same config) instead of replacing the storage.
+// (shape_error unless both have the same config) instead of replacing the storage. The one exception is
+// release(): a model whose projections hold their weights quantized (gpt2::set_base_storage) drops those
+// float tensors, and the rest move to a smaller arena. A released tensor keeps its spec; has(id) is false
+// and reading it is a state_error.
 #pragma once
 
 #include <Eigen/Core>
@@ -84,6 +87,8 @@ class gpt2_weights {
 
   /// Owned storage, every tensor zero.
   explicit gpt2_weights(const gpt2_config& config);
+  /// Owned storage, every tensor zero, without the tensors whose `released` entry is true.
+  gpt2_weights(const gpt2_config& config, std::vector<bool> released);
   /// Borrowed storage: data[i] holds tensor i (spec size elements, any alignment); `keep_alive` owns it.
   gpt2_weights(const gpt2_config& config, std::vector<Scalar*> data, std::shared_ptr<void> keep_alive);
   /// A deep copy, always into owned storage.
@@ -107,14 +112,28 @@ class gpt2_weights {
   /// Elements over all tensors.
   index num_elements() const noexcept;
 
+  /// Tensor id's storage; nullptr for a released tensor.
   Scalar* data(index id) noexcept { return m_data[static_cast<std::size_t>(id)]; }
   const Scalar* data(index id) const noexcept { return m_data[static_cast<std::size_t>(id)]; }
+  /// False for a released tensor.
+  bool has(index id) const { return data(id) != nullptr; }
+  /// One entry per tensor, true where released (empty when none is).
+  const std::vector<bool>& released() const noexcept { return m_released; }
+  /// Drops tensors `ids` and moves the others into a new owned arena of their size (views of any tensor are
+  /// invalidated). Done by gpt2::set_base_storage once its projections hold their own quantized weights.
+  void release(const std::vector<index>& ids);
   /// Tensor `id` as its stored matrix (a vector is rows x 1).
   matrix_map matrix(index id);
   const_matrix_map matrix(index id) const;
   /// Tensor `id` as a flat vector of all its elements.
-  vector_map flat(index id) { return vector_map(data(id), spec(id).size()); }
-  const_vector_map flat(index id) const { return const_vector_map(data(id), spec(id).size()); }
+  vector_map flat(index id) {
+    check_held(id);
+    return vector_map(data(id), spec(id).size());
+  }
+  const_vector_map flat(index id) const {
+    check_held(id);
+    return const_vector_map(data(id), spec(id).size());
+  }
 
   matrix_map wte() { return matrix(0); }
   const_matrix_map wte() const { return matrix(0); }
@@ -135,9 +154,13 @@ class gpt2_weights {
  private:
   gpt2_config m_config;
   std::vector<gpt2_tensor_spec> m_specs;
-  std::vector<Scalar> m_arena;  ///< Owned storage (empty when borrowed).
-  std::vector<Scalar*> m_data;  ///< Tensor i starts at m_data[i].
+  std::vector<Scalar> m_arena;   ///< Owned storage (empty when borrowed).
+  std::vector<Scalar*> m_data;   ///< Tensor i starts at m_data[i] (nullptr: released).
+  std::vector<bool> m_released;  ///< Empty, or true for each released tensor.
   std::shared_ptr<void> m_keep_alive;
+
+  /// state_error naming tensor `id` when it is released.
+  void check_held(index id) const;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -170,16 +193,45 @@ inline std::vector<gpt2_tensor_spec> gpt2_tensor_specs(const gpt2_config& config
 }
 
 template <typename Scalar>
-gpt2_weights<Scalar>::gpt2_weights(const gpt2_config& config) : m_config(config), m_specs(gpt2_tensor_specs(config)) {
+gpt2_weights<Scalar>::gpt2_weights(const gpt2_config& config) : gpt2_weights(config, std::vector<bool>()) {}
+
+template <typename Scalar>
+gpt2_weights<Scalar>::gpt2_weights(const gpt2_config& config, std::vector<bool> released)
+    : m_config(config), m_specs(gpt2_tensor_specs(config)), m_released(std::move(released)) {
+  if (!m_released.empty() && m_released.size() != m_specs.size())
+    throw shape_error("gpt2_weights: expected one released flag per tensor (" + std::to_string(m_specs.size()) +
+                      "), got " + std::to_string(m_released.size()));
+  const auto held = [&](std::size_t i) { return m_released.empty() || !m_released[i]; };
   index total = 0;
-  for (const auto& s : m_specs) total += s.size();
+  for (std::size_t i = 0; i < m_specs.size(); ++i) total += held(i) ? m_specs[i].size() : 0;
   m_arena.assign(static_cast<std::size_t>(total), Scalar(0));
   m_data.reserve(m_specs.size());
   Scalar* p = m_arena.data();
-  for (const auto& s : m_specs) {
-    m_data.push_back(p);
-    p += s.size();
+  for (std::size_t i = 0; i < m_specs.size(); ++i) {
+    m_data.push_back(held(i) ? p : nullptr);
+    if (held(i)) p += m_specs[i].size();
   }
+}
+
+template <typename Scalar>
+void gpt2_weights<Scalar>::release(const std::vector<index>& ids) {
+  std::vector<bool> gone = m_released.empty() ? std::vector<bool>(m_specs.size(), false) : m_released;
+  for (index id : ids) gone.at(static_cast<std::size_t>(id)) = true;
+  gpt2_weights kept(m_config, gone);
+  for (index id = 0; id < num_tensors(); ++id)
+    if (kept.has(id)) kept.flat(id) = flat(id);
+  m_arena = std::move(kept.m_arena);
+  m_data = std::move(kept.m_data);
+  m_released = std::move(gone);
+  m_keep_alive.reset();  // borrowed storage (a mapped file) is let go
+}
+
+template <typename Scalar>
+void gpt2_weights<Scalar>::check_held(index id) const {
+  if (!has(id))
+    throw state_error("gpt2_weights: tensor '" + spec(id).name +
+                      "' is released: the model's layer holds it quantized (gpt2::set_base_storage); read it from "
+                      "the layer (weight())");
 }
 
 template <typename Scalar>
@@ -197,8 +249,9 @@ gpt2_weights<Scalar>::gpt2_weights(const gpt2_config& config, std::vector<Scalar
 }
 
 template <typename Scalar>
-gpt2_weights<Scalar>::gpt2_weights(const gpt2_weights& other) : gpt2_weights(other.m_config) {
-  for (index id = 0; id < num_tensors(); ++id) flat(id) = other.flat(id);
+gpt2_weights<Scalar>::gpt2_weights(const gpt2_weights& other) : gpt2_weights(other.m_config, other.m_released) {
+  for (index id = 0; id < num_tensors(); ++id)
+    if (has(id)) flat(id) = other.flat(id);
 }
 
 template <typename Scalar>
@@ -215,7 +268,10 @@ gpt2_weights<Scalar>& gpt2_weights<Scalar>::operator=(const gpt2_weights& other)
       throw shape_error("gpt2_weights: tensor '" + spec(id).name +
                         "' differs in shape; assignment needs the same config");
   }
-  for (index id = 0; id < num_tensors(); ++id) flat(id) = other.flat(id);
+  if (other.m_released != m_released)
+    throw shape_error("gpt2_weights: assignment needs the same released tensors on both sides");
+  for (index id = 0; id < num_tensors(); ++id)
+    if (has(id)) flat(id) = other.flat(id);
   return *this;
 }
 
@@ -256,19 +312,22 @@ index gpt2_weights<Scalar>::num_elements() const noexcept {
 
 template <typename Scalar>
 typename gpt2_weights<Scalar>::matrix_map gpt2_weights<Scalar>::matrix(index id) {
+  check_held(id);
   const auto& s = spec(id);
   return matrix_map(data(id), s.rows, s.is_vector() ? 1 : s.cols);
 }
 
 template <typename Scalar>
 typename gpt2_weights<Scalar>::const_matrix_map gpt2_weights<Scalar>::matrix(index id) const {
+  check_held(id);
   const auto& s = spec(id);
   return const_matrix_map(data(id), s.rows, s.is_vector() ? 1 : s.cols);
 }
 
 template <typename Scalar>
 void gpt2_weights<Scalar>::set_zero() {
-  for (index id = 0; id < num_tensors(); ++id) flat(id).setZero();
+  for (index id = 0; id < num_tensors(); ++id)
+    if (has(id)) flat(id).setZero();
 }
 
 }  // namespace lora::models
