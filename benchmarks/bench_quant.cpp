@@ -3,6 +3,7 @@
 //
 //  bm_forward   Y = X deq(W)ᵀ (inference, and the first product of a training step) against Y = X Wᵀ
 //  bm_backward  dX += dY deq(W) (what the layers below need in training) against dX += dY W
+//  bm_step      a lora::linear training step (forward, backward with dX; r = 16) over deq(W) against W
 //
 // Arguments: d = in = out, n = rows per call (1 = a decode step, 512 = a training micro-batch), and the
 // storage (0 bf16, 1 int8, 2 q8_0, 3 q4_0, 4 nf4, 5 nf4_dq). Counters: base_us (float32), quant_over_f32,
@@ -10,6 +11,7 @@
 // calling thread.
 #include <benchmark/benchmark.h>
 
+#include <lora/linear.hpp>
 #include <lora/quant/quantized_matrix.hpp>
 #include <vector>
 
@@ -64,12 +66,45 @@ void bm_backward(benchmark::State& st) {
   report(st, t_base, t_quant, q);
 }
 
+// One LoRA training step of a layer (r = 16 adapter on W, d x d): forward into Y, backward into dX with the
+// adapter's gradients, over the quantized W against the same layer over float32 W.
+void bm_step(benchmark::State& st) {
+  const lora::index d = st.range(0), n = st.range(1);
+  const mat w = random(d, d, 5) * 0.02f, x = random(n, d, 6), dy = random(n, d, 7);
+  lora::linear<float> plain(w, "plain");
+  lora::linear<float> quant(lora::quant::quantized_matrix::quantize(w, storages[st.range(2)]), "quant");
+  lora::adapter_config c;
+  c.rank = 16;
+  c.alpha = 32;
+  c.init = lora::init_method::random_ab;
+  plain.add_adapter("a", c);
+  quant.add_adapter("a", c);
+  mat y(n, d), dx(n, d);
+  const auto step = [&](lora::linear<float>& layer) {
+    layer.forward(x, y);
+    layer.backward(dy, dx);
+  };
+  std::vector<double> t_base, t_quant;
+  for (auto _ : st) {
+    t_base.push_back(seconds([&] { step(plain); }));
+    t_quant.push_back(seconds([&] { step(quant); }));
+    benchmark::DoNotOptimize(dx.data());
+  }
+  report(st, t_base, t_quant, quant.quantized_weight());
+}
+
 BENCHMARK(bm_forward)
     ->ArgNames({"d", "n", "storage"})
     ->ArgsProduct({{1024, 4096}, {1, 8, 64, 512}, {0, 1, 2, 3, 4, 5}})
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(0.2);
 BENCHMARK(bm_backward)
+    ->ArgNames({"d", "n", "storage"})
+    ->ArgsProduct({{1024, 4096}, {8, 64, 512}, {0, 1, 2, 3, 4, 5}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.2);
+
+BENCHMARK(bm_step)
     ->ArgNames({"d", "n", "storage"})
     ->ArgsProduct({{1024, 4096}, {8, 64, 512}, {0, 1, 2, 3, 4, 5}})
     ->Unit(benchmark::kMicrosecond)

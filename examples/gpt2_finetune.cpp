@@ -373,12 +373,15 @@ struct finetune_spec {
   double dropout = 0;
   bool rslora = false;
   std::vector<std::string> targets = {"c_attn", "c_proj", "c_fc"};
-  std::uint64_t seed = 0;  ///< adapter initialisation; the data order is train.seed
+  std::uint64_t seed = 0;                             ///< adapter initialisation; the data order is train.seed
+  lora::quant::qtype base = lora::quant::qtype::f32;  ///< how the projections' frozen weights are stored
 };
 
-/// A fresh model on a copy of the base, set up for `spec` (adapter added, base tensors that train).
-std::unique_ptr<ex::lm> make_model(const lora::models::gpt2_weights<float>& base, const finetune_spec& spec) {
-  auto model = std::make_unique<ex::lm>(ex::clone_weights(base));
+/// A model on `weights` (a copy of the base, or the base itself), set up for `spec`: the projections stored
+/// as spec.base (their float tensors released), the adapter added, the base tensors that train.
+std::unique_ptr<ex::lm> make_model(ex::lm_weights weights, const finetune_spec& spec) {
+  auto model = std::make_unique<ex::lm>(std::move(weights));
+  model->set_base_storage(spec.base);
   if (spec.m == method::lora) {
     lora::adapter_config c;
     c.rank = spec.rank;
@@ -417,6 +420,15 @@ ex::token_list read_token_files(const std::vector<std::string>& files, const lor
 // ---------------------------------------------------------------------------------------------------
 // finetune
 
+/// A --base-dtype value; the flag's error lists the names.
+lora::quant::qtype parse_base_dtype(const ex::flag_table& f, const std::string& v) {
+  try {
+    return lora::quant::parse_qtype(v);
+  } catch (const lora::config_error& e) {
+    f.fail(ex::cat("--base-dtype: ", e.what()));
+  }
+}
+
 struct finetune_options {
   std::string model_dir, out, val_file;
   std::string init_adapter;  ///< continue training this PEFT adapter (its rank, alpha, targets)
@@ -454,6 +466,9 @@ const char* kFinetuneUsage =
     "                       attn.c_proj and mlp.c_proj, use attn.c_proj or mlp.c_proj for one)\n"
     "  --dropout P          LoRA dropout (default 0)\n"
     "  --rslora             scaling alpha / sqrt(r)\n"
+    "  --base-dtype D       store the frozen projections as f32 (default), bf16, f16, int8 (per row),\n"
+    "                       nf4, nf4_dq (QLoRA's NF4, double-quantized), q8_0 or q4_0 (ggml's): the\n"
+    "                       adapters train over the quantized base (LoRA and norms_and_head)\n"
     "  --adapter DIR        continue training this PEFT adapter (e.g. one converted from llama.cpp with\n"
     "                       lora-gguf to-peft): its rank, alpha, targets and rsLoRA come from the folder,\n"
     "                       so --rank, --alpha, --targets, --rslora and --dropout are refused with it\n"
@@ -481,6 +496,7 @@ void parse_finetune(const std::vector<std::string>& args, finetune_options& o) {
   f.bind("--dropout", o.spec.dropout, 0);
   f.bind("--rslora", o.spec.rslora);
   f.bind("--adapter", o.init_adapter);
+  f.on("--base-dtype", ex::flag_table::setter([&](const std::string& v) { o.spec.base = parse_base_dtype(f, v); }));
   f.bind("--lr", o.train.lr, 0);
   f.on("--seed", ex::flag_table::setter([&](const std::string& v) {
          o.spec.seed = static_cast<std::uint64_t>(f.number("--seed", v, 0));
@@ -498,6 +514,9 @@ void parse_finetune(const std::vector<std::string>& args, finetune_options& o) {
   if (o.out.empty()) f.fail("--out DIR is required");
   if (o.spec.m == method::none) f.fail("--method none trains nothing");
   if (o.spec.dropout >= 1) f.fail("--dropout must be below 1");
+  if (o.spec.base != lora::quant::qtype::f32 && o.spec.m == method::full)
+    f.fail(ex::cat("--base-dtype ", lora::quant::qtype_name(o.spec.base),
+                   " keeps the projections frozen in fewer bits: it needs --method lora or norms_and_head"));
   if (!o.init_adapter.empty()) {
     if (o.spec.m != method::lora) f.fail("--adapter continues a LoRA adapter: it needs --method lora");
     for (const char* flag : {"--rank", "--alpha", "--targets", "--rslora", "--dropout"})
@@ -530,12 +549,16 @@ int run_finetune(const std::vector<std::string>& args) {
   if (!o.val_file.empty()) val_ids = base.tok.encode(ex::read_model_text(o.val_file, base.tok));
   std::unique_ptr<ex::lm> model;
   if (o.init_adapter.empty()) {
-    model = make_model(base.weights, o.spec);
+    model = make_model(std::move(base.weights), o.spec);  // the base itself: no second copy
   } else {
-    model = std::make_unique<ex::lm>(ex::clone_weights(base.weights));
+    model = std::make_unique<ex::lm>(std::move(base.weights));
+    model->set_base_storage(o.spec.base);
     ex::attach_adapter(*model, o.init_adapter);  // trainable, active, named "default"
   }
-  json out = {{"model", o.model_dir}, {"method", to_string(o.spec.m)}};
+  json out = {{"model", o.model_dir},
+              {"method", to_string(o.spec.m)},
+              {"base_dtype", lora::quant::qtype_name(o.spec.base)},
+              {"weight_bytes", ex::weight_bytes(*model)}};
   if (!val_ids.empty()) {
     const auto before = ex::evaluate(*model, base.tok, val_ids);
     std::fprintf(stderr, "validation before: %.4f bits/byte\n", before.bits_per_byte());
@@ -576,7 +599,23 @@ int run_finetune(const std::vector<std::string>& args) {
 struct model_options {
   std::string model_dir, adapter_dir;
   bool merge = false;
+  lora::quant::qtype base = lora::quant::qtype::f32;
 };
+
+/// The flags eval and generate share.
+void bind_model_flags(ex::flag_table& f, model_options& mo) {
+  f.bind("--model", mo.model_dir);
+  f.bind("--adapter", mo.adapter_dir);
+  f.bind("--merge", mo.merge);
+  f.on("--base-dtype", ex::flag_table::setter([&](const std::string& v) { mo.base = parse_base_dtype(f, v); }));
+}
+
+constexpr const char* kModelFlagsHelp =
+    "  --model DIR        Hugging Face GPT-2 folder\n"
+    "  --adapter DIR      PEFT LoRA adapter folder to apply\n"
+    "  --merge            merge the adapter into the weights first (into a quantized base: re-quantized,\n"
+    "                     and the error it introduces is printed)\n"
+    "  --base-dtype D     store the projections as f32 (default), bf16, f16, int8, nf4, nf4_dq, q8_0, q4_0\n";
 
 /// A base folder and the model built on it: --adapter attached (merged into the weights with --merge).
 struct opened_model {
@@ -586,10 +625,20 @@ struct opened_model {
 
 opened_model open_model(const model_options& o) {
   opened_model m{ex::load_base_model(o.model_dir), nullptr};
-  m.model = std::make_unique<ex::lm>(ex::clone_weights(m.base.weights));
+  m.model = std::make_unique<ex::lm>(std::move(m.base.weights));  // m.base keeps the tokenizer
+  m.model->set_base_storage(o.base);
   if (!o.adapter_dir.empty()) {
     ex::attach_adapter(*m.model, o.adapter_dir);
     if (o.merge) m.model->merge();
+  }
+  if (o.merge && m.model->base_storage() != lora::quant::qtype::f32) {
+    lora::quant::requant_error worst;
+    for (const auto& [path, layer] : m.model->named_layers()) worst.absorb(layer->merge_error());
+    std::fprintf(stderr,
+                 "merged into a %s base by re-quantizing W + s B A: max |dW| %.3g, RMS dW %.3g (%.3g of RMS W), "
+                 "output change on a probe batch %.3g of its RMS (worst layer)\n",
+                 lora::quant::qtype_name(o.base), worst.max_weight, worst.rms_weight, worst.rel_rms_weight,
+                 worst.rel_rms_output);
   }
   m.model->train(false);
   return m;
@@ -605,20 +654,15 @@ const char* kEvalUsage =
     "--json prints {\"tokens\": N, \"predicted\": P, \"loss_nats_per_token\": x, \"bits_per_byte\": y}.\n"
     "\n"
     "options:\n"
-    "  --model DIR    Hugging Face GPT-2 folder\n"
-    "  --adapter DIR  PEFT LoRA adapter folder to apply\n"
-    "  --merge        merge the adapter into the weights first\n"
-    "  --text FILE    the text (any bytes: both tokenizers are byte-level)\n"
-    "  --json         JSON on stdout instead of a sentence\n";
+    "  --text FILE        the text (any bytes: both tokenizers are byte-level)\n"
+    "  --json             JSON on stdout instead of a sentence\n";
 
 int run_eval(const std::vector<std::string>& args) {
   model_options mo;
   std::string text_file;
   bool as_json = false;
-  ex::flag_table f("gpt2_finetune eval", kEvalUsage);
-  f.bind("--model", mo.model_dir);
-  f.bind("--adapter", mo.adapter_dir);
-  f.bind("--merge", mo.merge);
+  ex::flag_table f("gpt2_finetune eval", std::string(kEvalUsage) + kModelFlagsHelp);
+  bind_model_flags(f, mo);
   f.bind("--text", text_file);
   f.bind("--json", as_json);
   f.parse(args);
@@ -648,9 +692,6 @@ const char* kGenerateUsage =
     "--temperature T > 0 samples from softmax(logits / T), reproducibly for a given --seed.\n"
     "\n"
     "options:\n"
-    "  --model DIR        Hugging Face GPT-2 folder\n"
-    "  --adapter DIR      PEFT LoRA adapter folder to apply\n"
-    "  --merge            merge the adapter into the weights first\n"
     "  --prompt TEXT      the start of the text (default: empty, i.e. <|endoftext|>)\n"
     "  --length N         tokens to generate (default 200)\n"
     "  --temperature T    0 (greedy, default) or the sampling temperature\n"
@@ -661,10 +702,8 @@ int run_generate(const std::vector<std::string>& args) {
   model_options mo;
   std::string prompt;
   ex::generate_options g;
-  ex::flag_table f("gpt2_finetune generate", kGenerateUsage);
-  f.bind("--model", mo.model_dir);
-  f.bind("--adapter", mo.adapter_dir);
-  f.bind("--merge", mo.merge);
+  ex::flag_table f("gpt2_finetune generate", std::string(kGenerateUsage) + kModelFlagsHelp);
+  bind_model_flags(f, mo);
   f.bind("--prompt", prompt);
   f.bind("--length", g.length, 1);
   f.bind("--temperature", g.temperature, 0);
@@ -687,6 +726,7 @@ struct study_options {
   std::string json_path;
   std::vector<std::string> shifts = {"mild", "larger", "extreme"};
   std::vector<lora::index> ranks = {4, 16};
+  std::vector<lora::quant::qtype> base_dtypes = {lora::quant::qtype::f32};  ///< LoRA runs over each
   std::vector<method> others = {method::full, method::none};
   std::vector<std::uint64_t> seeds = {0};
   std::vector<double> lr_lora = {1e-2}, lr_full = {2e-3}, lr_head = {3e-3};
@@ -729,6 +769,8 @@ const char* kStudyUsage =
     "  --full-study         the whole study (about 40 min on 2 cores)\n"
     "  --shifts S1,S2       mild, larger, extreme (default all three)\n"
     "  --ranks R1,R2        LoRA ranks\n"
+    "  --base-dtypes D1,D2  LoRA at each rank over the base stored as each of f32 (default), bf16, f16,\n"
+    "                       int8, nf4, nf4_dq, q8_0, q4_0 (QLoRA's question: what does a 4-bit base cost?)\n"
     "  --methods M1,M2      besides LoRA: full, norms_and_head, none\n"
     "  --seeds S1,S2        seeds (adapter initialisation and data order; the first selects the lr)\n"
     "  --lr-lora X1,X2      learning rates tried for LoRA (one value: used as given)\n"
@@ -781,6 +823,10 @@ void parse_study(const std::vector<std::string>& args, study_options& o) {
              f.fail("--shifts takes mild, larger, extreme; got '" + s + "'");
        }));
   f.bind_list("--ranks", o.ranks, 1);
+  f.on("--base-dtypes", ex::flag_table::setter([&](const std::string& v) {
+         o.base_dtypes.clear();
+         for (const auto& w : f.words("--base-dtypes", v)) o.base_dtypes.push_back(parse_base_dtype(f, w));
+       }));
   f.on("--methods", ex::flag_table::setter([&](const std::string& v) { o.others = parse_methods(f, v); }));
   f.bind_list("--seeds", o.seeds, 0);
   f.bind_list("--lr-lora", o.lr_lora, 0);
@@ -834,7 +880,12 @@ shift_data load_shift(const study_options& o, const std::string& name, const lor
 struct method_spec {
   method m = method::lora;
   lora::index rank = 0;
-  std::string label() const { return m == method::lora ? ex::cat("lora r=", rank) : to_string(m); }
+  lora::quant::qtype base = lora::quant::qtype::f32;  ///< LoRA: the frozen projections' storage
+  std::string label() const {
+    if (m != method::lora) return to_string(m);
+    return base == lora::quant::qtype::f32 ? ex::cat("lora r=", rank)
+                                           : ex::cat("lora r=", rank, " ", lora::quant::qtype_name(base));
+  }
 };
 
 /// One method on one shift, over every seed.
@@ -846,6 +897,7 @@ struct study_row {
   std::vector<std::pair<double, double>> selection;  ///< (lr, validation bits/byte), first seed
   std::vector<double> val, test;                     ///< per seed
   std::int64_t trainable_params = 0, train_state_bytes = 0;
+  std::int64_t weight_bytes = 0;                       ///< the frozen weights as stored (ex::weight_bytes)
   double tokens_per_second = 0;                        ///< of the fastest run
   double seconds = 0;                                  ///< training seconds of the fastest run
   double cpu_seconds = 0;                              ///< its process CPU time
@@ -858,6 +910,7 @@ struct study_row {
 struct trained {
   std::unique_ptr<ex::lm> model;
   ex::train_outcome outcome;
+  std::int64_t weight_bytes = 0;
   double val = 0;
   std::uint64_t peak_rss = 0;
 };
@@ -868,6 +921,7 @@ trained train_run(const ex::base_model& base, const method_spec& ms, double lr, 
   spec.m = ms.m;
   spec.rank = ms.rank;
   spec.seed = seed;
+  spec.base = ms.base;
   ex::train_setup t = o.train;
   t.lr = lr;
   t.seed = 1000 * seed + 7;
@@ -875,19 +929,24 @@ trained train_run(const ex::base_model& base, const method_spec& ms, double lr, 
   t.quiet = o.quiet;
   ex::reset_peak_rss();
   trained r;
-  r.model = make_model(base.weights, spec);
+  r.model = make_model(ex::clone_weights(base.weights), spec);
+  r.weight_bytes = ex::weight_bytes(*r.model);
   r.outcome = ex::train_lm(*r.model, d.train, t);
   r.val = ex::evaluate(*r.model, base.tok, d.val).bits_per_byte();
   r.peak_rss = ex::peak_rss_bytes();
   return r;
 }
 
-/// Saves the adapter of `run` as a PEFT folder in `dir`, loads it onto a fresh copy of the base, and
-/// checks: the reloaded model's nats on the first test windows equal the trained model's, and merging
-/// moves the logits of the first window by at most 1e-4 of their largest magnitude.
+/// Saves the adapter of `run` as a PEFT folder in `dir`, loads it onto a fresh copy of the base (stored
+/// as the run's base was), and checks: the reloaded model's nats on the first test windows equal the
+/// trained model's, and merging moves the logits of the first window by at most 1e-4 of their largest
+/// magnitude. Over a quantized base a merge re-quantizes and cannot meet that: there the check is that
+/// unmerging gives the reloaded nats back exactly, and the merge's error is reported.
 json check_adapter(const trained& run, const ex::base_model& base, const shift_data& d, const std::string& dir) {
   adapter_of(*run.model, base.dir).save(dir);
   auto fresh = std::make_unique<ex::lm>(ex::clone_weights(base.weights));
+  const lora::quant::qtype storage = run.model->base_storage();
+  fresh->set_base_storage(storage);
   const lora::io::peft_adapter loaded = ex::attach_adapter(*fresh, dir);
   fresh->train(false);
   constexpr std::size_t windows = 4;
@@ -899,6 +958,21 @@ json check_adapter(const trained& run, const ex::base_model& base, const shift_d
   const lora::matrix<float> merged = ex::first_window_logits(*fresh, d.test);
   const double logit_rel = static_cast<double>((merged - unmerged).cwiseAbs().maxCoeff()) /
                            std::max(1e-30, static_cast<double>(unmerged.cwiseAbs().maxCoeff()));
+  if (storage != lora::quant::qtype::f32) {
+    lora::quant::requant_error worst;
+    for (const auto& [path, layer] : fresh->named_layers()) worst.absorb(layer->merge_error());
+    fresh->unmerge();
+    const double unmerged_nats = ex::evaluate(*fresh, base.tok, d.test, windows).nats;
+    return {{"path", dir},
+            {"modules", loaded.modules.size()},
+            {"trained_nats", trained_nats},
+            {"reloaded_nats", reloaded_nats},
+            {"merged_nats", merged_nats},
+            {"merged_logit_max_rel_diff", logit_rel},
+            {"merge_rel_rms_output_worst_layer", worst.rel_rms_output},
+            {"unmerged_nats", unmerged_nats},
+            {"ok", reloaded_nats == trained_nats && unmerged_nats == reloaded_nats}};
+  }
   const bool ok = reloaded_nats == trained_nats && logit_rel <= 1e-4 &&
                   std::abs(merged_nats - reloaded_nats) <= 1e-4 * std::abs(reloaded_nats);
   return {{"path", dir},
@@ -983,6 +1057,7 @@ study_row run_method(const ex::base_model& base, const method_spec& ms, const sh
   std::sort(grid.begin(), grid.end());
   const auto note = [&](const trained& r) {
     row.trainable_params = r.outcome.trainable_params;
+    row.weight_bytes = r.weight_bytes;
     row.train_state_bytes = r.outcome.train_state_bytes;
     if (row.tokens_per_second < r.outcome.tokens_per_second()) {
       row.tokens_per_second = r.outcome.tokens_per_second();
@@ -1044,7 +1119,8 @@ void run_shift(const ex::base_model& base, const std::string& name, const study_
                        {"bytes", {d.text.train.size(), d.text.validation.size(), d.text.test.size()}},
                        {"split_files", {d.dir + "/train.txt", d.dir + "/val.txt", d.dir + "/test.txt"}}});
   std::vector<method_spec> specs;
-  for (lora::index r : o.ranks) specs.push_back({method::lora, r});
+  for (lora::index r : o.ranks)
+    for (lora::quant::qtype t : o.base_dtypes) specs.push_back({method::lora, r, t});
   for (method m : o.others) specs.push_back({m, 0});
   auto plain = std::make_unique<ex::lm>(ex::clone_weights(base.weights));
   plain->train(false);
@@ -1072,22 +1148,24 @@ void run_shift(const ex::base_model& base, const std::string& name, const study_
 }
 
 void print_table(const study_state& st, const study_options& o) {
-  std::printf("%-8s %-16s %7s %9s %18s %10s %11s %9s %9s\n", "shift", "method", "lr", "val bpb", "test bpb",
-              "trainable", "train state", "tokens/s", "peak RSS");
+  std::printf("%-8s %-16s %7s %9s %18s %10s %11s %9s %9s %9s\n", "shift", "method", "lr", "val bpb", "test bpb",
+              "trainable", "train state", "weights", "tokens/s", "peak RSS");
   bool edge = false;
   for (const auto& r : st.rows) {
     edge = edge || r.lr_at_edge;
     const std::string lr = r.spec.m == method::none ? "-" : ex::cat(r.lr, r.lr_at_edge ? "*" : "");
-    std::printf("%-8s %-16s %7s %9.4f %18s %10lld %11s %9.0f %9s\n", r.shift.c_str(), r.spec.label().c_str(),
+    std::printf("%-8s %-16s %7s %9.4f %18s %10lld %11s %9s %9.0f %9s\n", r.shift.c_str(), r.spec.label().c_str(),
                 lr.c_str(), mean_std(r.val).first, pm(r.test).c_str(), static_cast<long long>(r.trainable_params),
-                human_bytes(static_cast<double>(r.train_state_bytes)).c_str(), r.tokens_per_second,
-                human_bytes(static_cast<double>(r.peak_rss)).c_str());
+                human_bytes(static_cast<double>(r.train_state_bytes)).c_str(),
+                r.weight_bytes > 0 ? human_bytes(static_cast<double>(r.weight_bytes)).c_str() : "-",
+                r.tokens_per_second, human_bytes(static_cast<double>(r.peak_rss)).c_str());
   }
   std::string seeds;
   for (auto s : o.seeds) seeds += ex::cat(seeds.empty() ? "" : ",", s);
   std::printf(
       "bits per byte (bpb) on each shift's validation and test text; test: mean%s over seeds %s. lr: %s.\n"
-      "fine-tuning: %lld steps of %lld x %lld tokens, AdamW, %s schedule; tokens/s: training, fastest run; peak RSS:\n"
+      "fine-tuning: %lld steps of %lld x %lld tokens, AdamW, %s schedule; weights: the frozen weights as stored;\n"
+      "tokens/s: training, fastest run; peak RSS:\n"
       "the process's high-water mark during the run (base and data included).\n",
       o.seeds.size() > 1 ? " ± sample std" : "", seeds.c_str(),
       (o.lr_lora.size() > 1 || o.lr_full.size() > 1 || o.lr_head.size() > 1)
@@ -1096,6 +1174,12 @@ void print_table(const study_state& st, const study_options& o) {
       static_cast<long long>(o.train.steps), static_cast<long long>(o.train.batch * o.train.accum),
       static_cast<long long>(o.train.context), ex::to_string(o.train.schedule));
   if (edge) std::printf("* the chosen rate is at the edge of its grid\n");
+}
+
+std::vector<std::string> dtype_names(const std::vector<lora::quant::qtype>& types) {
+  std::vector<std::string> out;
+  for (auto t : types) out.emplace_back(lora::quant::qtype_name(t));
+  return out;
 }
 
 json series_json(const std::vector<double>& v) {
@@ -1116,6 +1200,7 @@ json series_json(const std::vector<double>& v) {
 json study_json(const study_state& st, const study_options& o, const json& base_info, double seconds) {
   json cfg = {{"shifts", o.shifts},
               {"ranks", o.ranks},
+              {"base_dtypes", dtype_names(o.base_dtypes)},
               {"seeds", o.seeds},
               {"lr_grid", {{"lora", o.lr_lora}, {"full", o.lr_full}, {"norms_and_head", o.lr_head}}},
               {"steps", o.train.steps},
@@ -1135,6 +1220,8 @@ json study_json(const study_state& st, const study_options& o, const json& base_
     results.push_back({{"shift", r.shift},
                        {"method", to_string(r.spec.m)},
                        {"rank", r.spec.rank},
+                       {"base_dtype", lora::quant::qtype_name(r.spec.base)},
+                       {"weight_bytes", r.weight_bytes},
                        {"lr", r.lr},
                        {"lr_at_edge", r.lr_at_edge},
                        {"selection", sel},

@@ -383,6 +383,25 @@ inline train_outcome train_lm(lm& model, const token_list& data, const train_set
 // ---------------------------------------------------------------------------------------------------
 // Memory
 
+/// Bytes of the model's frozen weights: the float tensors it holds (embeddings, norms, biases, and the
+/// projections unless released) plus each quantized projection's codes and scales.
+inline std::int64_t weight_bytes(const lm& model) {
+  std::int64_t bytes = 0;
+  const auto& w = model.weights();
+  for (lora::index id = 0; id < w.num_tensors(); ++id)
+    if (w.has(id)) bytes += w.spec(id).size() * static_cast<std::int64_t>(sizeof(float));
+  for (lora::index l = 0; l < model.config().n_layer; ++l) {
+    for (int m = 0; m < lora::models::gpt2_module_count; ++m) {
+      const auto& layer = model.layer(l, static_cast<lora::models::gpt2_module>(m));
+      if (layer.is_quantized())
+        bytes += static_cast<std::int64_t>(layer.quantized_weight().storage_bytes());
+      else if (!layer.is_view())  // a plain layer owning deq(W) after a round trip through a quantized format
+        bytes += layer.in_features() * layer.out_features() * static_cast<std::int64_t>(sizeof(float));
+    }
+  }
+  return bytes;
+}
+
 /// Resets the peak resident set size (VmHWM) to the current one (Linux: "5" to /proc/self/clear_refs);
 /// false where that is not possible.
 inline bool reset_peak_rss() {
