@@ -137,10 +137,10 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
 
   // --- quantized weights (detail/linear_quant.hpp) --------------------------------------------------
 
-  /// Re-stores the frozen weight as `type`: quantized from the current weight, or, for qtype::f32, as a
-  /// plain owned Scalar matrix again (deq(W): the "dequantized copy"). A view stops reading the user's
-  /// memory. state_error while adapters are merged; shape_error for a format whose rows must be whole
-  /// blocks (q8_0, q4_0: in a multiple of 32).
+  /// Re-stores the frozen weight as `type`: quantized from the current weight (a view stops reading the
+  /// user's memory), or, for qtype::f32, a quantized weight becomes a plain owned Scalar matrix holding
+  /// deq(W), the "dequantized copy" that merges exactly (a plain weight stays as it is). state_error while adapters are
+  /// merged; shape_error for a format whose rows must be whole blocks (q8_0, q4_0: in a multiple of 32).
   void set_weight_storage(quant::qtype type);
   /// qtype::f32 for a plain Scalar weight (float or double), else the quantized format.
   quant::qtype weight_storage() const noexcept { return m_quantized ? m_quant.type() : quant::qtype::f32; }

@@ -113,6 +113,39 @@ TEST(no_alloc, inference_with_a_warm_workspace) {
   EXPECT_EQ(g_eigen_mallocs.load(), 0);
 }
 
+// Over a quantized weight (NF4 and Q8_0): the panel products (a batch) and the fused kernels (one row)
+// reuse their workspaces too.
+TEST(no_alloc, quantized_weight_training_step_and_inference) {
+  for (auto type : {lora::quant::qtype::nf4, lora::quant::qtype::q8_0}) {
+    lora::linear<float> layer(lora::quant::quantized_matrix::quantize(random(kD, 2 * kD, 6), type), "q");
+    lora::adapter_config c;
+    c.rank = 8;
+    c.init = lora::init_method::random_ab;
+    layer.add_adapter("a", c);
+    const mat x = random(kN, 2 * kD, 7), dy = random(kN, kD, 8), x1 = random(1, 2 * kD, 9);
+    mat y(kN, kD), dx(kN, 2 * kD), y1(1, kD);
+    lora::inference_workspace<float> ws;
+    for (int warm = 0; warm < 2; ++warm) {
+      layer.forward(x, y);
+      layer.backward(dy, dx);
+      layer.infer(x, y, ws);
+      layer.infer(x1, y1, ws);
+    }
+    {
+      counting_scope scope;
+      for (int step = 0; step < 3; ++step) {
+        layer.zero_grad();
+        layer.forward(x, y);
+        layer.backward(dy, dx);
+        layer.infer(x, y, ws);
+        layer.infer(x1, y1, ws);
+      }
+    }
+    EXPECT_EQ(g_news.load(), 0) << lora::quant::qtype_name(type);
+    EXPECT_EQ(g_eigen_mallocs.load(), 0) << lora::quant::qtype_name(type);
+  }
+}
+
 // The counters work: an allocation inside the scope is seen.
 TEST(no_alloc, counters_detect_allocations) {
   {
