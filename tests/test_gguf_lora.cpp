@@ -5,6 +5,7 @@
 // files in tests/llama/.)
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -12,8 +13,11 @@
 #include <lora/io/gguf_lora.hpp>
 #include <lora/io/peft.hpp>
 #include <lora/models/gpt2_gguf.hpp>
+#include <lora/quant/requant_error.hpp>
+#include <map>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "file_support.hpp"
@@ -74,6 +78,81 @@ std::map<std::string, lora::matrix<double>> deltas(const std::vector<io::gguf_lo
   std::map<std::string, lora::matrix<double>> out;
   for (const auto& m : modules) out[m.base] = m.scaling * m.b * m.a;
   return out;
+}
+
+/// E = stored − exact (out x in) by explicit loops: max |E|, RMS E, RMS E / RMS W*, and the relative RMS of
+/// X Eᵀ with X = quant::probe_batch(p, in); sums kept for pooling by hand.
+struct hand_error {
+  double max_weight = 0, rms_weight = 0, rel_rms_weight = 0, rel_rms_output = 0;
+  double sum_e2 = 0, sum_w2 = 0, count = 0;
+};
+
+hand_error by_hand(const lora::matrix<double>& exact, const lora::matrix<double>& stored, lora::index p) {
+  hand_error h;
+  for (lora::index i = 0; i < exact.rows(); ++i) {
+    for (lora::index j = 0; j < exact.cols(); ++j) {
+      const double e = stored(i, j) - exact(i, j);
+      h.max_weight = std::max(h.max_weight, std::abs(e));
+      h.sum_e2 += e * e;
+      h.sum_w2 += exact(i, j) * exact(i, j);
+    }
+  }
+  h.count = static_cast<double>(exact.size());
+  h.rms_weight = std::sqrt(h.sum_e2 / h.count);
+  h.rel_rms_weight = std::sqrt(h.sum_e2 / h.sum_w2);
+  const lora::matrix<double> x = lora::quant::probe_batch(p, exact.cols());
+  double out2 = 0, ref2 = 0;
+  for (lora::index n = 0; n < p; ++n) {
+    for (lora::index i = 0; i < exact.rows(); ++i) {
+      double y = 0, ref = 0;
+      for (lora::index j = 0; j < exact.cols(); ++j) {
+        y += x(n, j) * (stored(i, j) - exact(i, j));
+        ref += x(n, j) * exact(i, j);
+      }
+      out2 += y * y;
+      ref2 += ref * ref;
+    }
+  }
+  h.rel_rms_output = std::sqrt(out2 / ref2);
+  return h;
+}
+
+void expect_figures(const lora::quant::requant_error& got, const hand_error& want, const std::string& what) {
+  EXPECT_NEAR(got.max_weight, want.max_weight, 1e-12 * want.max_weight) << what;
+  EXPECT_NEAR(got.rms_weight, want.rms_weight, 1e-9 * want.rms_weight) << what;
+  EXPECT_NEAR(got.rel_rms_weight, want.rel_rms_weight, 1e-9 * want.rel_rms_weight) << what;
+  EXPECT_NEAR(got.rel_rms_output, want.rel_rms_output, 1e-9 * want.rel_rms_output) << what;
+}
+
+/// The largest |E| each element of a row-block of 32 may have when W* is stored as `type`: rounding to
+/// nearest for the float types (unit roundoff 2^-24, 2^-8 for BF16, 2^-11 for F16, whose subnormals are
+/// 2^-24 apart; the writer rounds to float first, so those two round twice); for Q8_0 half a step d = amax / 127 plus
+/// the F16 rounding of d (127 steps of it); for Q4_0 half a step |d| = |max| / 8 plus 8 steps of d's F16 rounding, or a
+/// whole step for the elements beyond 7.5 |d| on the far side of the block's extreme, which ggml clamps to 7 |d|.
+lora::matrix<double> error_bound(const lora::matrix<double>& exact, io::ggml_type type) {
+  lora::matrix<double> bound(exact.rows(), exact.cols());
+  for (lora::index i = 0; i < exact.rows(); ++i) {
+    for (lora::index b = 0; b < exact.cols(); b += 32) {
+      double amax = 0, max = 0;
+      for (lora::index j = b; j < b + 32; ++j) {
+        const double v = static_cast<float>(exact(i, j));
+        if (std::abs(v) > amax) std::tie(amax, max) = std::make_tuple(std::abs(v), v);
+      }
+      for (lora::index j = b; j < b + 32; ++j) {
+        const double x = exact(i, j), f32 = std::ldexp(std::abs(x), -24);
+        if (type == io::ggml_type::f32) bound(i, j) = f32;
+        if (type == io::ggml_type::bf16) bound(i, j) = std::ldexp(std::abs(x), -8) + f32;
+        if (type == io::ggml_type::f16) bound(i, j) = std::ldexp(std::abs(x), -11) + std::ldexp(1.0, -25) + f32;
+        if (type == io::ggml_type::q8_0) bound(i, j) = amax / 127 * (0.5 + 0x1p-4) + 2 * f32;
+        if (type == io::ggml_type::q4_0) {
+          const double d = max / -8;
+          const bool clamped = d != 0 && x / d >= 7.5;
+          bound(i, j) = std::abs(d) * ((clamped ? 1.0 : 0.5) + 0x1p-7) + 2 * f32;
+        }
+      }
+    }
+  }
+  return bound;
 }
 
 // --- models ----------------------------------------------------------------------------------------
@@ -501,6 +580,116 @@ TEST(GgufLora, MergeChangesOnlyTheAdaptedTensorsAndKeepsTheirType) {
   EXPECT_EQ(merged.get<std::uint32_t>("general.file_type"), 7u);  // kept: every tensor keeps its type
   EXPECT_EQ(f32.get<std::uint32_t>("general.file_type"), 0u);     // re-encoded as F32
   EXPECT_LT((f32.read_matrix<double>(m.base) - want).cwiseAbs().maxCoeff(), 1e-5);
+}
+
+TEST(GgufLora, MergeReportsWhatEachReEncodingLoses) {
+  // An F32 base merged and stored as each type: the report's figures are E = stored − W* as the written
+  // file decodes it, against W* = W + s B A in double, computed here by hand.
+  temp_dir dir;
+  const auto weights = models::gpt2_weights<float>::random(tiny(), 7);
+  models::gpt2_gguf_writer(weights, byte_vocab()).write(dir.file("base.gguf"));
+  const io::gguf_file base = io::gguf_file::open(dir.file("base.gguf"));
+  const auto modules = models::gpt2_peft_to_gguf_modules(peft_adapter(), tiny());
+  std::map<io::ggml_type, io::gguf_merge_report> reports;
+  for (const io::ggml_type type :
+       {io::ggml_type::f32, io::ggml_type::bf16, io::ggml_type::f16, io::ggml_type::q8_0, io::ggml_type::q4_0}) {
+    io::gguf_merge_options options;
+    options.out_type = type;
+    const auto report = io::merge_gguf(base, modules, dir.file("merged.gguf"), options);
+    const io::gguf_file merged = io::gguf_file::open(dir.file("merged.gguf"));
+    ASSERT_EQ(report.errors.size(), 3u);
+    ASSERT_EQ(report.stored_as.size(), 3u);
+    double sum_e2 = 0, sum_w2 = 0, count = 0, max_weight = 0, max_rel_output = 0;
+    for (std::size_t k = 0; k < 3; ++k) {
+      const std::string what = report.merged[k] + " as " + io::ggml_type_name(type);
+      EXPECT_EQ(report.stored_as[k], type) << what;
+      const auto m =
+          std::find_if(modules.begin(), modules.end(), [&](const auto& x) { return x.base == report.merged[k]; });
+      ASSERT_NE(m, modules.end()) << what;
+      const lora::matrix<double> exact = base.read_matrix<double>(m->base) + m->scaling * m->b * m->a;
+      const lora::matrix<double> stored = merged.read_matrix<double>(m->base);
+      const hand_error h = by_hand(exact, stored, 64);
+      expect_figures(report.errors[k], h, what);
+      EXPECT_EQ(report.errors[k].probe_rows, 64) << what;
+      EXPECT_GT(h.max_weight, 0.0) << what;  // no type stores these sums exactly
+      const lora::matrix<double> bound = error_bound(exact, type);
+      for (lora::index i = 0; i < exact.size(); ++i)
+        ASSERT_LE(std::abs(stored.data()[i] - exact.data()[i]), bound.data()[i]) << what << " element " << i;
+      sum_e2 += h.sum_e2, sum_w2 += h.sum_w2, count += h.count;
+      max_weight = std::max(max_weight, h.max_weight);
+      max_rel_output = std::max(max_rel_output, h.rel_rms_output);
+    }
+    EXPECT_DOUBLE_EQ(report.pooled.max_weight, max_weight);
+    EXPECT_NEAR(report.pooled.rms_weight, std::sqrt(sum_e2 / count), 1e-9 * report.pooled.rms_weight);
+    EXPECT_NEAR(report.pooled.rel_rms_weight, std::sqrt(sum_e2 / sum_w2), 1e-9 * report.pooled.rel_rms_weight);
+    EXPECT_EQ(report.pooled.weights, static_cast<lora::index>(count));
+    EXPECT_DOUBLE_EQ(report.worst.max_weight, max_weight);
+    EXPECT_NEAR(report.worst.rel_rms_output, max_rel_output, 1e-9 * max_rel_output);
+    reports[type] = report;
+  }
+  // The scale of each: float rounding of a double (2^-24 at most per element), bf16's 8 significant bits,
+  // then the block formats, coarser with fewer bits.
+  EXPECT_LT(reports[io::ggml_type::f32].pooled.rel_rms_output, 1e-7);
+  EXPECT_LE(reports[io::ggml_type::bf16].worst.rel_rms_weight, 0x1p-8);
+  EXPECT_LE(reports[io::ggml_type::bf16].worst.rel_rms_output, 0x1p-8);
+  EXPECT_LT(reports[io::ggml_type::f16].pooled.rel_rms_weight, reports[io::ggml_type::bf16].pooled.rel_rms_weight);
+  EXPECT_LT(reports[io::ggml_type::q8_0].pooled.rel_rms_output, reports[io::ggml_type::q4_0].pooled.rel_rms_output);
+  EXPECT_GT(reports[io::ggml_type::q4_0].pooled.rel_rms_output, 8 * reports[io::ggml_type::q8_0].pooled.rel_rms_output);
+}
+
+TEST(GgufLora, MergeReportWithoutProbeAndKeepingTypes) {
+  // Kept Q8_0 tensors are re-quantized (errors measured); probe_rows = 0 gives the weight figures only.
+  temp_dir dir;
+  const auto weights = models::gpt2_weights<float>::random(tiny(), 8);
+  models::gpt2_gguf_options q8;
+  q8.type = io::ggml_type::q8_0;
+  models::gpt2_gguf_writer(weights, byte_vocab(), q8).write(dir.file("base.gguf"));
+  const io::gguf_file base = io::gguf_file::open(dir.file("base.gguf"));
+  const auto modules = models::gpt2_peft_to_gguf_modules(peft_adapter(), tiny());
+  io::gguf_merge_options options;
+  options.probe_rows = 0;
+  const auto report = io::merge_gguf(base, modules, dir.file("merged.gguf"), options);
+  const io::gguf_file merged = io::gguf_file::open(dir.file("merged.gguf"));
+  ASSERT_EQ(report.errors.size(), 3u);
+  for (std::size_t k = 0; k < 3; ++k) {
+    const auto& m =
+        *std::find_if(modules.begin(), modules.end(), [&](const auto& x) { return x.base == report.merged[k]; });
+    EXPECT_EQ(report.stored_as[k], io::ggml_type::q8_0);
+    const lora::matrix<double> exact = base.read_matrix<double>(m.base) + m.scaling * m.b * m.a;
+    const lora::matrix<double> e = merged.read_matrix<double>(m.base) - exact;
+    EXPECT_DOUBLE_EQ(report.errors[k].max_weight, e.cwiseAbs().maxCoeff()) << m.base;
+    EXPECT_GT(report.errors[k].rel_rms_weight, 1e-4) << m.base;  // a Q8_0 step is ~1% of a block's max
+    EXPECT_LT(report.errors[k].rel_rms_weight, 2e-2) << m.base;
+    EXPECT_EQ(report.errors[k].outputs, 0) << m.base;
+    EXPECT_EQ(report.errors[k].rel_rms_output, 0.0) << m.base;
+  }
+}
+
+TEST(RequantError, PoolingTwoTensorsIsMeasuringThemStacked) {
+  // Two weights with the same input width: stacking them stacks their outputs on the same probe batch, so
+  // every pooled figure equals the figure of the stacked pair.
+  const lora::matrix<double> w1 = random_matrix(5, 8, 1), w2 = random_matrix(3, 8, 2);
+  const lora::matrix<double> q1 = w1 + 1e-3 * random_matrix(5, 8, 3), q2 = w2 + 4e-3 * random_matrix(3, 8, 4);
+  lora::quant::requant_error pooled = lora::quant::measure_requant_error(w1, q1, 16);
+  pooled.pool(lora::quant::measure_requant_error(w2, q2, 16));
+  lora::matrix<double> w(8, 8), q(8, 8);
+  w << w1, w2;
+  q << q1, q2;
+  const lora::quant::requant_error stacked = lora::quant::measure_requant_error(w, q, 16);
+  EXPECT_DOUBLE_EQ(pooled.max_weight, stacked.max_weight);
+  EXPECT_NEAR(pooled.rms_weight, stacked.rms_weight, 1e-14);
+  EXPECT_NEAR(pooled.rel_rms_weight, stacked.rel_rms_weight, 1e-14);
+  EXPECT_DOUBLE_EQ(pooled.max_output, stacked.max_output);
+  EXPECT_NEAR(pooled.rms_output, stacked.rms_output, 1e-14);
+  EXPECT_NEAR(pooled.rel_rms_output, stacked.rel_rms_output, 1e-14);
+  EXPECT_EQ(pooled.weights, 64);
+  EXPECT_EQ(pooled.outputs, 16 * 8);
+  // The worst case is not the pooled one: w2's larger error dominates absorb's RMS.
+  lora::quant::requant_error worst = lora::quant::measure_requant_error(w1, q1, 16);
+  worst.absorb(lora::quant::measure_requant_error(w2, q2, 16));
+  EXPECT_GT(worst.rms_weight, pooled.rms_weight);
+  const hand_error h = by_hand(w, q, 16);
+  expect_figures(stacked, h, "stacked");
 }
 
 TEST(GgufLora, MergeRefusesUnknownTensorsAndNonFiniteResults) {

@@ -2,14 +2,17 @@
 // against an independent element-by-element computation of W + s·B·A (transposed for fan_in_fan_out
 // and embeddings), the DoRA formula, lora_B.bias, rsLoRA and rank/alpha patterns, modules_to_save
 // replacements; name matching across prefixes with its ambiguous and missing cases; dtype conversion;
-// untouched tensors and metadata copied byte for byte; refusals that leave no output behind.
+// untouched tensors and metadata copied byte for byte; refusals that leave no output behind; the report
+// of what rounding the merged tensors to the output dtype lost, against a hand computation.
 #include <stdlib.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <lora/io/merge.hpp>
+#include <lora/quant/requant_error.hpp>
 #include <map>
 #include <string>
 #include <vector>
@@ -54,6 +57,40 @@ io::peft_module module(const std::string& path, lora::index r, lora::index in, l
   m.a = filled(r, in, seed);
   m.b = filled(out, r, seed + 10);
   return m;
+}
+
+/// E = stored − exact (out x in) by explicit loops: max |E|, RMS E / RMS W* and the relative RMS of X Eᵀ
+/// with X = quant::probe_batch(p, in).
+struct hand_error {
+  double max_weight = 0, rel_rms_weight = 0, rel_rms_output = 0, sum_e2 = 0, sum_w2 = 0;
+};
+
+hand_error by_hand(const mat& exact, const mat& stored, lora::index p) {
+  hand_error h;
+  for (lora::index i = 0; i < exact.rows(); ++i) {
+    for (lora::index j = 0; j < exact.cols(); ++j) {
+      const double e = stored(i, j) - exact(i, j);
+      h.max_weight = std::max(h.max_weight, std::abs(e));
+      h.sum_e2 += e * e;
+      h.sum_w2 += exact(i, j) * exact(i, j);
+    }
+  }
+  h.rel_rms_weight = std::sqrt(h.sum_e2 / h.sum_w2);
+  const mat x = lora::quant::probe_batch(p, exact.cols());
+  double out2 = 0, ref2 = 0;
+  for (lora::index n = 0; n < p; ++n) {
+    for (lora::index i = 0; i < exact.rows(); ++i) {
+      double y = 0, ref = 0;
+      for (lora::index j = 0; j < exact.cols(); ++j) {
+        y += x(n, j) * (stored(i, j) - exact(i, j));
+        ref += x(n, j) * exact(i, j);
+      }
+      out2 += y * y;
+      ref2 += ref * ref;
+    }
+  }
+  h.rel_rms_output = p > 0 ? std::sqrt(out2 / ref2) : 0.0;
+  return h;
 }
 
 const std::string base_name = "base.safetensors";
@@ -182,6 +219,30 @@ TEST(MergeCheckpoint, PlainLinearRsloraScaleBiasAndModulesToSave) {
   ASSERT_EQ(report.replaced.size(), 1u);
   EXPECT_EQ(report.replaced[0].second, "score.weight");
   ASSERT_EQ(report.merged.size(), 2u);  // the weight and the bias
+  // Both measured against the exact sums of what the files hold (the adapter saved its factors as F32);
+  // the bias, which has no layer output of its own, by its values only. The base is F64, kept: the merge's
+  // double result is stored as it is, and the report says nothing was lost.
+  ASSERT_EQ(report.errors.size(), 2u);
+  const io::peft_adapter saved = io::peft_adapter::load(dir.file("adapter"));
+  const io::peft_module& sm = saved.modules[0];
+  const std::size_t kb = report.merged[0].second == "model.layers.0.mlp.up_proj.bias" ? 0 : 1, kw = 1 - kb;
+  EXPECT_EQ(report.merged[kb].second, "model.layers.0.mlp.up_proj.bias");
+  const vec stored_bias = out.read_vector<double>("model.layers.0.mlp.up_proj.bias");
+  EXPECT_DOUBLE_EQ(report.errors[kb].max_weight, (stored_bias - (bias + s * sm.b_bias)).cwiseAbs().maxCoeff());
+  EXPECT_EQ(report.errors[kb].weights, 4);
+  EXPECT_EQ(report.errors[kb].outputs, 0);
+  const hand_error h =
+      by_hand(w + s * naive_ba(sm.b, sm.a), out.read_matrix<double>("model.layers.0.mlp.up_proj.weight"), 64);
+  EXPECT_NEAR(report.errors[kw].rel_rms_output, h.rel_rms_output, 1e-9 * h.rel_rms_output);
+  EXPECT_EQ(report.errors[kw].weights, 12);
+  EXPECT_EQ(report.errors[kw].outputs, 64 * 4);
+  for (std::size_t k = 0; k < 2; ++k) {
+    EXPECT_EQ(report.stored_as[k], io::dtype::f64);
+    EXPECT_EQ(report.errors[k].max_weight, 0.0);
+    EXPECT_EQ(report.errors[k].max_output, 0.0);
+  }
+  EXPECT_EQ(report.pooled.rms_weight, 0.0);
+  EXPECT_EQ(report.pooled.weights, 16);
 }
 
 TEST(MergeCheckpoint, DoraFollowsPeft) {
@@ -277,6 +338,63 @@ TEST(MergeCheckpoint, DtypesAreKeptOrConverted) {
     }
     EXPECT_EQ(out.metadata(), base.metadata());
   }
+}
+
+TEST(MergeCheckpoint, ReportsWhatRoundingToTheOutputDtypeLoses) {
+  // GPT-2 Conv1D weights (stored in x out) merged in double and written as F32, F16 and BF16: the report
+  // measures E = stored − W* in the modules' out x in orientation, per tensor and pooled.
+  gpt2_fixture f;
+  f.write_base();
+  f.adapter().save(f.adapter_dir());
+  const io::peft_adapter a = io::peft_adapter::load(f.adapter_dir());  // the factors as saved (F32)
+  const double scales[2] = {2.0, 3.0};  // alpha / r: 4 / 2 for c_attn (module 0), 3 / 1 for c_proj (1)
+  std::map<io::dtype, io::merge_report> reports;
+  for (const io::dtype to : {io::dtype::f32, io::dtype::f16, io::dtype::bf16}) {
+    io::merge_options options;
+    options.out_dtype = to;
+    const io::merge_report report = io::merge_checkpoint(f.base(), f.adapter_dir(), f.out(), options);
+    const io::safetensors_file base = io::safetensors_file::open(f.base());
+    const io::safetensors_file out = io::safetensors_file::open(f.out());
+    ASSERT_EQ(report.merged.size(), 2u);
+    ASSERT_EQ(report.errors.size(), 2u);
+    double sum_e2 = 0, sum_w2 = 0, max_weight = 0;
+    for (std::size_t k = 0; k < 2; ++k) {
+      const std::string& name = report.merged[k].second;
+      EXPECT_EQ(report.stored_as[k], to) << name;
+      const std::size_t j = report.merged[k].first == "transformer.h.0.attn.c_attn" ? 0 : 1;
+      ASSERT_EQ(a.modules[j].path, report.merged[k].first);
+      const mat exact =
+          (base.read_matrix<double>(name) + scales[j] * naive_ba(a.modules[j].b, a.modules[j].a).transpose())
+              .transpose();  // out x in
+      const mat stored = out.read_matrix<double>(name).transpose();
+      const hand_error h = by_hand(exact, stored, 64);
+      const lora::quant::requant_error& e = report.errors[k];
+      EXPECT_NEAR(e.max_weight, h.max_weight, 1e-12 * h.max_weight) << name;
+      EXPECT_NEAR(e.rel_rms_weight, h.rel_rms_weight, 1e-9 * h.rel_rms_weight) << name;
+      EXPECT_NEAR(e.rel_rms_output, h.rel_rms_output, 1e-9 * h.rel_rms_output) << name;
+      EXPECT_EQ(e.weights, exact.size()) << name;
+      EXPECT_EQ(e.outputs, 64 * exact.rows()) << name;  // out rows of X Eᵀ per probe row
+      // Round to nearest: 2^-24 (F32), 2^-11 (F16, or 2^-25 below its normal range), 2^-8 (BF16) of each value.
+      const int bits = to == io::dtype::f32 ? 24 : to == io::dtype::f16 ? 11 : 8;
+      for (lora::index i = 0; i < exact.size(); ++i) {
+        const double subnormal = to == io::dtype::f16 ? 0x1p-25 : 0.0;  // half of F16's smallest step
+        EXPECT_LE(std::abs(stored.data()[i] - exact.data()[i]),
+                  std::ldexp(std::abs(exact.data()[i]), -bits) + subnormal)
+            << name << " element " << i;
+      }
+      EXPECT_GT(h.max_weight, 0.0) << name;  // the sums of sines are not all representable
+      sum_e2 += h.sum_e2, sum_w2 += h.sum_w2, max_weight = std::max(max_weight, h.max_weight);
+    }
+    EXPECT_DOUBLE_EQ(report.pooled.max_weight, max_weight);
+    EXPECT_DOUBLE_EQ(report.worst.max_weight, max_weight);
+    EXPECT_NEAR(report.pooled.rel_rms_weight, std::sqrt(sum_e2 / sum_w2), 1e-9 * report.pooled.rel_rms_weight);
+    EXPECT_EQ(report.pooled.weights, 18 + 6);
+    reports[to] = report;
+  }
+  EXPECT_LT(reports[io::dtype::f32].worst.rel_rms_output, 1e-7);
+  EXPECT_LE(reports[io::dtype::bf16].worst.rel_rms_output, 0x1p-8);
+  EXPECT_LT(reports[io::dtype::f16].pooled.rel_rms_weight, reports[io::dtype::bf16].pooled.rel_rms_weight / 2);
+  EXPECT_LT(reports[io::dtype::f32].pooled.rel_rms_weight, reports[io::dtype::f16].pooled.rel_rms_weight / 100);
 }
 
 TEST(MergeCheckpoint, RefusesBadPairsNamingTheModuleAndWritesNothing) {

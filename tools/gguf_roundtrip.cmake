@@ -1,6 +1,7 @@
 # The GGUF path end to end without llama.cpp (ctest tools.lora_gguf.roundtrip): the byte-level base and a
 # LoRA adapter of the fixture gpt2_smoke go through lora-gguf and lora-merge, and gpt2_finetune's eval
 # must give the same bits per byte at every step; the adapter converted back from GGUF trains further.
+# Merging re-encoded as F32, BF16, Q8_0 and Q4_0 writes --report files checked by merge_report.cmake.
 #   cmake -DGGUF=lora-gguf -DMERGE=lora-merge -DPROGRAM=gpt2_finetune -DSMOKE=dir -DTEXT=file -DWORK=dir
 #         -P gguf_roundtrip.cmake
 cmake_policy(VERSION 3.16)
@@ -82,3 +83,9 @@ foreach(adapter IN ITEMS "${WORK}/lora.gguf" "${lora}")
   bpb(merged 9 --model "${WORK}/merged_hf")
   expect_equal("merged in GGUF (${adapter}) != unmerged" "${with_lora5}" "${merged}")
 endforeach()
+
+# Merged and re-encoded: every merged tensor's error reported, of the size its type gives.
+if(NOT CMAKE_VERSION VERSION_LESS 3.19)
+  include("${CMAKE_CURRENT_LIST_DIR}/merge_report.cmake")
+  check_merge_reports("${MERGE}" "${WORK}/model.gguf" "${WORK}/lora.gguf" "${WORK}" 8 f32 bf16 q8_0 q4_0)
+endif()

@@ -15,6 +15,10 @@
 // Reading checks each pair (both present, 2-D, ranks agree, matching a base tensor with ne [in, out] when
 // a base is given); every violation is a format_error naming the file and tensor. Merging writes a new
 // GGUF file: the base's metadata and tensors, the adapted ones re-encoded (their own type, or one chosen).
+// A merged tensor stored in fewer bits than the exact W* = W + Σ s B A cannot be exact: the merge decodes
+// the bytes it wrote and reports, per tensor and overall, E = stored − W* as quant::requant_error (the
+// weight's change and the change X Eᵀ of the layer's output on a fixed probe batch). The base's own
+// quantization error is not part of it: W is taken as the base stores it.
 #pragma once
 
 #include <Eigen/Core>
@@ -33,6 +37,7 @@
 
 #include "../config.hpp"
 #include "../error.hpp"
+#include "../quant/requant_error.hpp"
 #include "gguf_reader.hpp"
 #include "gguf_writer.hpp"
 #include "tensor_info.hpp"
@@ -82,18 +87,23 @@ std::uint32_t llama_file_type(ggml_type type) noexcept;
 struct gguf_merge_options {
   double scale = 1.0;                 ///< multiplies every module's scaling
   std::optional<ggml_type> out_type;  ///< type of the merged tensors; nullopt keeps each base tensor's
+  index probe_rows = 64;              ///< rows of the probe batch for the output error (0: weights only)
   std::function<void(std::size_t, std::size_t, const std::string&)> progress;
 };
 
 struct gguf_merge_report {
-  std::vector<std::string> merged;  ///< base tensors changed
-  std::size_t copied = 0;           ///< tensors copied byte for byte
+  std::vector<std::string> merged;           ///< base tensors changed
+  std::vector<ggml_type> stored_as;          ///< the type each merged tensor was written in (order of merged)
+  std::vector<quant::requant_error> errors;  ///< stored − W* of each merged tensor (order of merged)
+  quant::requant_error worst;                ///< every error absorbed: the worst tensor's figure each
+  quant::requant_error pooled;               ///< every error pooled: all merged tensors as one
+  std::size_t copied = 0;                    ///< tensors copied byte for byte
 };
 
 /// Writes base + Σ scaling · B A as a new GGUF file at `out` (which may be the base's path): metadata and
 /// untouched tensors byte for byte, merged tensors dequantized, merged in double, re-encoded. Everything
 /// is checked (names, shapes, types) before the file is written. numeric_error when a merged weight is
-/// not finite.
+/// not finite. The report holds, per merged tensor, the error of its re-encoding against W* in double.
 gguf_merge_report merge_gguf(const gguf_file& base, const std::vector<gguf_lora_module>& modules,
                              const std::string& out, const gguf_merge_options& options = {});
 
@@ -281,6 +291,52 @@ inline matrix<double> merged_weight(const gguf_file& base, const std::string& na
   return w;
 }
 
+/// `w` (out x in) encoded as `type` row by row, ne [in, out], as gguf_writer::add encodes it: each row
+/// rounded to float, then quantized.
+inline std::vector<unsigned char> encode_ggml_rows(const std::string& name, const matrix<double>& w, ggml_type type) {
+  check_encodable(name, type, w.cols());
+  const auto cols = static_cast<std::size_t>(w.cols());
+  const std::size_t row_bytes = static_cast<std::size_t>(ggml_row_bytes(type, cols));
+  std::vector<unsigned char> bytes(row_bytes * static_cast<std::size_t>(w.rows()));
+  Eigen::Matrix<float, 1, Eigen::Dynamic> row(w.cols());
+  for (index i = 0; i < w.rows(); ++i) {
+    row = w.row(i).cast<float>();
+    ggml_quantize_row(type, row.data(), cols, &bytes[static_cast<std::size_t>(i) * row_bytes]);
+  }
+  return bytes;
+}
+
+/// The out x in values that encode_ggml_rows' bytes decode to.
+inline matrix<double> decode_ggml_rows(const std::vector<unsigned char>& bytes, ggml_type type, index rows,
+                                       index cols) {
+  const auto n = static_cast<std::size_t>(cols);
+  const std::size_t row_bytes = static_cast<std::size_t>(ggml_row_bytes(type, n));
+  matrix<double> out(rows, cols);
+  Eigen::Matrix<float, 1, Eigen::Dynamic> row(cols);
+  for (index i = 0; i < rows; ++i) {
+    ggml_dequantize_row(type, &bytes[static_cast<std::size_t>(i) * row_bytes], n, row.data());
+    out.row(i) = row.cast<double>();
+  }
+  return out;
+}
+
+/// Merges base tensor `t`, adds it to `w` encoded as `type`, and records what the encoding lost.
+inline void merge_gguf_tensor(const gguf_file& base, const gguf_tensor_info& t,
+                              const std::vector<const gguf_lora_module*>& mods, ggml_type type,
+                              const gguf_merge_options& options, gguf_writer& w, gguf_merge_report& report) {
+  const matrix<double> exact = merged_weight(base, t.name, mods, options.scale);
+  const std::vector<unsigned char> bytes = encode_ggml_rows(t.name, exact, type);
+  w.add_raw(t.name, type, {static_cast<std::uint64_t>(exact.cols()), static_cast<std::uint64_t>(exact.rows())},
+            bytes.data(), bytes.size());
+  const quant::requant_error e = quant::measure_requant_error(
+      exact, decode_ggml_rows(bytes, type, exact.rows(), exact.cols()), options.probe_rows);
+  report.merged.push_back(t.name);
+  report.stored_as.push_back(type);
+  report.errors.push_back(e);
+  report.worst.absorb(e);
+  report.pooled.pool(e);
+}
+
 }  // namespace detail
 
 inline gguf_merge_report merge_gguf(const gguf_file& base, const std::vector<gguf_lora_module>& modules,
@@ -306,8 +362,7 @@ inline gguf_merge_report merge_gguf(const gguf_file& base, const std::vector<ggu
       w.add_raw(t.name, t.type, t.ne, base.raw(t.name));  // borrowed: the base's mapping, not a copy
       ++report.copied;
     } else {
-      w.add(t.name, detail::merged_weight(base, t.name, it->second, options.scale), options.out_type.value_or(t.type));
-      report.merged.push_back(t.name);
+      detail::merge_gguf_tensor(base, t, it->second, options.out_type.value_or(t.type), options, w, report);
     }
     if (options.progress) options.progress(++done, base.tensors().size(), t.name);
   }

@@ -18,9 +18,14 @@
 // is refused as ambiguous, and a module with no candidate is an error (detail::suffix_index).
 //
 // Arithmetic is in double (every f16/bf16/f32 value is exact in double), rounded once to the output
-// dtype. The output is written tensor by tensor through safetensors_stream_writer into a temporary
-// renamed over the target, so peak memory stays near the largest merged tensor (held in double)
-// while the base is memory-mapped, and a failure leaves no partial file.
+// dtype. That rounding is the merge's only error: the report gives, for every merged tensor, E = stored −
+// W* (W* the exact merged value in double, stored what the written bytes decode to) as a
+// quant::requant_error, with the output change X Eᵀ on a fixed probe batch for weights (in the module's
+// out x in orientation, whatever the stored one) and the weight figures alone for lora_B biases.
+//
+// The output is written tensor by tensor through safetensors_stream_writer into a temporary renamed over
+// the target, so peak memory stays near the largest merged tensor (held in double, twice: exact and as
+// stored, for the report) while the base is memory-mapped, and a failure leaves no partial file.
 #pragma once
 
 #include <Eigen/Core>
@@ -35,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "../quant/requant_error.hpp"
 #include "module_match.hpp"
 #include "peft_config.hpp"
 #include "peft_file.hpp"
@@ -52,6 +58,8 @@ struct merge_options {
   /// Refuse (numeric_error naming the module) a merge that turns finite base values non-finite, as
   /// PEFT's safe_merge does.
   bool safe = true;
+  /// Rows of the probe batch on which each merged weight's output error is measured (0: weights only).
+  index probe_rows = 64;
   /// Called after each output tensor with (tensors done, total, tensor name).
   std::function<void(std::size_t, std::size_t, const std::string&)> progress;
 };
@@ -60,6 +68,11 @@ struct merge_options {
 struct merge_report {
   /// (adapter module path, base tensor name) for every merged module; bias targets are "<p>.bias".
   std::vector<std::pair<std::string, std::string>> merged;
+  /// Dtype each merged tensor was written in, and stored − exact merged value (both in the order of merged).
+  std::vector<dtype> stored_as;
+  std::vector<quant::requant_error> errors;
+  quant::requant_error worst;   ///< every error absorbed: the worst tensor's figure each
+  quant::requant_error pooled;  ///< every error pooled: all merged tensors as one
   /// (adapter tensor path, base tensor name) for every replaced tensor.
   std::vector<std::pair<std::string, std::string>> replaced;
   std::size_t copied = 0;     ///< untouched tensors copied byte for byte
@@ -147,8 +160,11 @@ class merge_writer {
   void write_bias(const tensor_info& t, const merge_plan::module_target& target);
   void write_replacement(const tensor_info& t, const merge_plan::replacement& r, dtype to);
   void write_base(const tensor_info& t, dtype to);
-  // Writes values (row-major entries of `t`'s shape) in the output dtype.
-  void write_values(const tensor_info& t, const vector<double>& values);
+  // Writes `values` (rows x cols, row-major as `t`'s entries) in `t`'s output dtype and returns what the
+  // written bytes decode to (rows x cols).
+  matrix<double> write_exact(const tensor_info& t, const Eigen::Ref<const matrix<double>>& values);
+  // Records a merged entry and its rounding error.
+  void record(const std::string& module, const tensor_info& t, const quant::requant_error& e);
   // Converts stored bytes of dtype `from` to dtype `to` in bounded chunks (no double copy of the tensor).
   void write_converted(const std::string& name, const unsigned char* data, std::size_t size, dtype from, dtype to);
   void check_finite(bool before_finite, const Eigen::Ref<const matrix<double>>& after, const std::string& what) const;
@@ -354,10 +370,14 @@ inline void merge_writer::write_weight(const tensor_info& t, const merge_plan::m
   const peft_module m = m_adapter.read_module(info);
   matrix<double> w = m_base.read_matrix<double>(t.name);
   const bool finite = w.allFinite();
-  merge_weight(w, m, target.scaling, info.embedding || m_adapter.config().fan_in_fan_out);
+  const bool transposed = info.embedding || m_adapter.config().fan_in_fan_out;
+  merge_weight(w, m, target.scaling, transposed);
   check_finite(finite, w, cat("adapter module '", info.path, "'"));
-  m_out.write(t.name, w);
-  m_report.merged.emplace_back(info.path, t.name);
+  const matrix<double> stored = write_exact(t, w);
+  // Measured out x in: the stored matrix is in x out when transposed.
+  record(info.path, t,
+         transposed ? quant::measure_requant_error(w.transpose(), stored.transpose(), m_options.probe_rows)
+                    : quant::measure_requant_error(w, stored, m_options.probe_rows));
 }
 
 inline void merge_writer::write_bias(const tensor_info& t, const merge_plan::module_target& target) {
@@ -366,8 +386,8 @@ inline void merge_writer::write_bias(const tensor_info& t, const merge_plan::mod
   const bool finite = bias.allFinite();
   bias += target.scaling * m_adapter.tensors().read_vector<double>(info.bias_key);
   check_finite(finite, bias, cat("adapter module '", info.path, "' (lora_B.bias)"));
-  write_values(t, bias);
-  m_report.merged.emplace_back(info.path, t.name);
+  const matrix<double> stored = write_exact(t, bias.transpose());  // 1 x out
+  record(info.path, t, quant::measure_requant_error(bias.transpose(), stored, 0));
 }
 
 inline void merge_writer::write_replacement(const tensor_info& t, const merge_plan::replacement& r, dtype to) {
@@ -392,14 +412,24 @@ inline void merge_writer::write_base(const tensor_info& t, dtype to) {
   }
 }
 
-inline void merge_writer::write_values(const tensor_info& t, const vector<double>& values) {
-  if (t.rank() == 2) {
-    const Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(
-        values.data(), static_cast<index>(t.shape[0]), static_cast<index>(t.shape[1]));
-    m_out.write(t.name, m);
-  } else {
-    m_out.write(t.name, values);
-  }
+inline matrix<double> merge_writer::write_exact(const tensor_info& t, const Eigen::Ref<const matrix<double>>& values) {
+  using row_major = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const dtype to = merged_dtype(t.type, m_options);
+  std::vector<unsigned char> bytes;
+  bytes.reserve(static_cast<std::size_t>(values.size()) * dtype_size(to));
+  encode_row_major(values, to, [&](const unsigned char* p, std::size_t n) { bytes.insert(bytes.end(), p, p + n); });
+  m_out.write_raw(t.name, bytes.data(), bytes.size());
+  row_major stored(values.rows(), values.cols());
+  decode<double>(to, bytes.data(), static_cast<std::size_t>(stored.size()), stored.data());
+  return stored;
+}
+
+inline void merge_writer::record(const std::string& module, const tensor_info& t, const quant::requant_error& e) {
+  m_report.merged.emplace_back(module, t.name);
+  m_report.stored_as.push_back(merged_dtype(t.type, m_options));
+  m_report.errors.push_back(e);
+  m_report.worst.absorb(e);
+  m_report.pooled.pool(e);
 }
 
 inline void merge_writer::write_converted(const std::string& name, const unsigned char* data, std::size_t size,
