@@ -8,12 +8,12 @@
 // block sum is scaled once: Σ_blocks scale_b · Σ_{c in b} code_c x_c — the same value as the dense product
 // of the dequantized weight up to the order of float32 additions.
 //
-// A format (nf4_format, ... below) decodes one block of one row into `vectors` registers of 8 floats. The
-// 4-bit formats look their codes up in a 16-entry float table by byte shuffles (lut16), which yields the
-// elements of a block in a fixed permuted order: elem(k, t) is the element of slot t of register k, and x is
-// permuted once per call to match (permute_x), so the inner loop is loads and FMAs. Rows are processed
-// `interleave` at a time (independent accumulators), and split across threads (lora/detail/parallel.hpp)
-// when a call has enough work to pay for starting them.
+// A format (nf4_format, ... below) decodes one block of one row into `vectors` registers of 8 floats, in
+// whatever order its decoding yields cheapest: elem(k, t) is the element of the block in slot t of register
+// k, and x is permuted once per call to match (permute_x), so the inner loop is decodes, loads and FMAs.
+// NF4 looks its codes up in a 16-entry float table by byte shuffles (lut16); Q4_0 converts its nibbles
+// (q - 8 is an integer). Rows are processed several at a time (independent accumulators), and split across
+// threads (lora/detail/parallel.hpp) when a call has enough work to pay for starting them.
 #pragma once
 
 #include <algorithm>
@@ -46,6 +46,10 @@ inline index fused_min_rows(index cols, int n) noexcept {
 
 #if LORA_QUANT_FUSED
 
+/// Unrolls the next loop completely (its trip count is a compile-time constant): the registers of a block
+/// (w[], the accumulators) then stay in registers instead of the stack.
+#define LORA_QUANT_UNROLL _Pragma("GCC unroll 16")
+
 /// The horizontal sum of 8 floats.
 inline float hsum(__m256 v) noexcept {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -71,24 +75,20 @@ inline float half_to_float(const std::uint8_t* p) noexcept {
 }
 
 /// A 16-entry float table as 4 byte planes (plane i: byte i of every entry, repeated in both lanes), for
-/// vpshufb look-ups. `low_zero`: the low 2 bytes of every entry are 0 (small integers), 2 planes suffice.
+/// vpshufb look-ups.
 struct lut16 {
   __m256i plane[4];
-  bool low_zero;
 };
 
 inline lut16 make_lut16(const float* table) noexcept {
   alignas(32) std::uint8_t bytes[4][32];
-  bool low_zero = true;
   for (int e = 0; e < 16; ++e) {
     std::uint32_t u;
     std::memcpy(&u, &table[e], 4);
-    low_zero = low_zero && (u & 0xFFFFu) == 0;
     for (int i = 0; i < 4; ++i) bytes[i][e] = bytes[i][e + 16] = static_cast<std::uint8_t>(u >> (8 * i));
   }
   lut16 t{};
   for (int i = 0; i < 4; ++i) t.plane[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[i]));
-  t.low_zero = low_zero;
   return t;
 }
 
@@ -96,16 +96,13 @@ inline lut16 make_lut16(const float* table) noexcept {
 /// in-lane unpacks leave codes 4k..4k+3 in the low lane and 16+4k..16+4k+3 in the high one.
 constexpr int lut16_pos(int k, int t) noexcept { return t < 4 ? 4 * k + t : 16 + 4 * k + (t - 4); }
 
-/// table[codes[p]] for the 32 codes (bytes 0..15) of `codes`, as 4 registers in lut16_pos order.
+/// table[codes[p]] for the 32 codes (bytes, each < 16) of `codes`, as 4 registers in lut16_pos order:
+/// 4 byte look-ups, then bytes interleaved into 16-bit halves and halves into floats.
 inline void lut16_decode32(const lut16& t, __m256i codes, __m256* out) noexcept {
+  const __m256i b0 = _mm256_shuffle_epi8(t.plane[0], codes), b1 = _mm256_shuffle_epi8(t.plane[1], codes);
   const __m256i b2 = _mm256_shuffle_epi8(t.plane[2], codes), b3 = _mm256_shuffle_epi8(t.plane[3], codes);
+  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
   const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
-  __m256i l01 = _mm256_setzero_si256(), h01 = l01;
-  if (!t.low_zero) {
-    const __m256i b0 = _mm256_shuffle_epi8(t.plane[0], codes), b1 = _mm256_shuffle_epi8(t.plane[1], codes);
-    l01 = _mm256_unpacklo_epi8(b0, b1);
-    h01 = _mm256_unpackhi_epi8(b0, b1);
-  }
   out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
   out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
   out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
@@ -152,6 +149,7 @@ struct q8_0_format {
   static constexpr int elem(int k, int t) noexcept { return 8 * k + t; }
   void decode(index r, index b, __m256* w) const noexcept {
     const std::uint8_t* p = bytes + r * row_bytes + b * 34 + 2;
+    LORA_QUANT_UNROLL
     for (int k = 0; k < 4; ++k) w[k] = i8_decode8(p + 8 * k);
   }
   float scale(index r, index b) const noexcept { return half_to_float(bytes + r * row_bytes + b * 34); }
@@ -164,6 +162,7 @@ struct int8_format {
   index cols;
   static constexpr int elem(int k, int t) noexcept { return 8 * k + t; }
   void decode(index r, index b, __m256* w) const noexcept {
+    LORA_QUANT_UNROLL
     for (int k = 0; k < 4; ++k) w[k] = i8_decode8(bytes + r * cols + b * 32 + 8 * k);
   }
   float scale(index r, index) const noexcept { return row_scale[r]; }
@@ -175,12 +174,17 @@ struct q4_0_format {
   static constexpr int block = 32, vectors = 4;
   const std::uint8_t* bytes;
   index row_bytes;
-  lut16 lut;  // q - 8
-  static constexpr int elem(int k, int t) noexcept { return lut16_pos(k, t); }
+  /// Register 2g + h holds bytes 8g..8g+7, low nibbles (h = 0: elements 8g + t) or high (16 + 8g + t).
+  static constexpr int elem(int k, int t) noexcept { return 16 * (k % 2) + 8 * (k / 2) + t; }
   void decode(index r, index b, __m256* w) const noexcept {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + r * row_bytes + b * 18 + 2));
-    const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
-    lut16_decode32(lut, codes, w);
+    const std::uint8_t* p = bytes + r * row_bytes + b * 18 + 2;
+    const __m256i eight = _mm256_set1_epi32(8), m = _mm256_set1_epi32(15);
+    LORA_QUANT_UNROLL
+    for (int g = 0; g < 2; ++g) {
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * g)));
+      w[2 * g] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, m), eight));
+      w[2 * g + 1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
+    }
   }
   float scale(index r, index b) const noexcept { return half_to_float(bytes + r * row_bytes + b * 18); }
 };
@@ -197,6 +201,7 @@ struct row_format {
 struct f32_format : row_format {
   void decode(index r, index b, __m256* w) const noexcept {
     const float* p = reinterpret_cast<const float*>(bytes) + r * cols + b * 32;
+    LORA_QUANT_UNROLL
     for (int k = 0; k < 4; ++k) w[k] = _mm256_loadu_ps(p + 8 * k);
   }
 };
@@ -204,6 +209,7 @@ struct f32_format : row_format {
 struct bf16_format : row_format {
   void decode(index r, index b, __m256* w) const noexcept {
     const std::uint8_t* p = bytes + 2 * (r * cols + b * 32);
+    LORA_QUANT_UNROLL
     for (int k = 0; k < 4; ++k) {
       const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k));
       w[k] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -215,6 +221,7 @@ struct bf16_format : row_format {
 struct f16_format : row_format {
   void decode(index r, index b, __m256* w) const noexcept {
     const std::uint8_t* p = bytes + 2 * (r * cols + b * 32);
+    LORA_QUANT_UNROLL
     for (int k = 0; k < 4; ++k) w[k] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k)));
   }
 };
@@ -227,17 +234,21 @@ template <int N, int R, typename Format>
 void fused_group(const Format& f, index r0, index blocks, const float* const* xp, float* const* y) noexcept {
   constexpr int V = Format::vectors;
   __m256 tot[R][N];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < N; ++j) tot[i][j] = _mm256_setzero_ps();
+  LORA_QUANT_UNROLL
+  for (int i = 0; i < R; ++i) LORA_QUANT_UNROLL
+  for (int j = 0; j < N; ++j) tot[i][j] = _mm256_setzero_ps();
   for (index b = 0; b < blocks; ++b) {
     const index c = b * Format::block;
+    LORA_QUANT_UNROLL
     for (int i = 0; i < R; ++i) {
       __m256 w[V];
       f.decode(r0 + i, b, w);
       const __m256 s = _mm256_set1_ps(f.scale(r0 + i, b));
+      LORA_QUANT_UNROLL
       for (int j = 0; j < N; ++j) {
         __m256 a0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp[j] + c));
         __m256 a1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xp[j] + c + 8));
+        LORA_QUANT_UNROLL
         for (int k = 2; k < V; k += 2) {
           a0 = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xp[j] + c + 8 * k), a0);
           a1 = _mm256_fmadd_ps(w[k + 1], _mm256_loadu_ps(xp[j] + c + 8 * k + 8), a1);
@@ -246,8 +257,9 @@ void fused_group(const Format& f, index r0, index blocks, const float* const* xp
       }
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < N; ++j) y[j][r0 + i] = hsum(tot[i][j]);
+  LORA_QUANT_UNROLL
+  for (int i = 0; i < R; ++i) LORA_QUANT_UNROLL
+  for (int j = 0; j < N; ++j) y[j][r0 + i] = hsum(tot[i][j]);
 }
 
 /// Rows [r0, r1) for N inputs: groups of interleave(N) rows, then one at a time.

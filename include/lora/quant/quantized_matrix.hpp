@@ -265,8 +265,7 @@ inline bool quantized_matrix::fused_forward(int n, const float* const* x, float*
     case qtype::q8_0:
       return run(detail::q8_0_format{bytes, cols / 32 * 34});
     case qtype::q4_0: {
-      static const std::array<float, 16> minus8 = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
-      return run(detail::q4_0_format{bytes, cols / 32 * 18, detail::make_lut16(minus8.data())});
+      return run(detail::q4_0_format{bytes, cols / 32 * 18});
     }
     case qtype::int8:
       return run(detail::int8_format{bytes, m_scales.data(), cols});
