@@ -119,15 +119,17 @@ TEST(QuantFused, TwoThreadsGiveTheSameBitsAsOne) {
   lora::set_num_threads(1);
 }
 
-TEST(QuantFused, QgemmForwardTakesTheFusedPathUpToFourRowsAndThePanelsAbove) {
-  // The same weight and inputs through qgemm_forward with 1..6 rows: every result equals the dense product.
+TEST(QuantFused, QgemmForwardTakesTheFusedPathUpToEightRowsAndThePanelsAbove) {
+  // The same weight through qgemm_forward with 1..10 rows: one fused pass (1-4), two (5-8: the second
+  // pass of 1-4 rows), the panels (9, 10); every result equals the dense product.
+  static_assert(q::qgemm_fused_max_rows == 8 && q::detail::fused_max_inputs == 4);
   const lora::index rows = 37, cols = 256;
   for (q::qtype t : every_storage) {
     const q::quantized_matrix w = q::quantized_matrix::quantize(normal_matrix(rows, cols, 41, 0.02f), t);
     q::qgemm_workspace<float> ws;
-    for (lora::index n = 1; n <= 6; ++n) {
-      const lora::matrix<float> x = normal_matrix(n, cols, 42, 1.0f);
-      lora::matrix<float> y(n, rows);
+    for (lora::index n = 1; n <= 10; ++n) {
+      const lora::matrix<float> x = normal_matrix(n, cols, 42 + static_cast<unsigned>(n), 1.0f);
+      lora::matrix<float> y = lora::matrix<float>::Constant(n, rows, 1e30f);
       q::qgemm_forward<float>(x, w, y, ws);
       expect_dense(w, x, y, "qgemm_forward");
     }

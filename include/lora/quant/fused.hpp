@@ -35,6 +35,9 @@
 
 namespace lora::quant::detail {
 
+/// Inputs (rows of X) a call of the kernels takes.
+inline constexpr int fused_max_inputs = 4;
+
 /// Weight elements (rows · cols · n) below which a call stays on one thread: a thread costs tens of
 /// microseconds to start, the kernels do about a weight element a nanosecond.
 inline constexpr index fused_min_work_per_thread = index{1} << 21;

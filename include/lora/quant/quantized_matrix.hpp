@@ -96,8 +96,10 @@ struct qgemm_workspace {
   Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> x_rows, y_rows;
 };
 
-/// Inputs of at most this many rows go through the fused kernels (quant/fused.hpp) where they apply.
-inline constexpr index qgemm_fused_max_rows = 4;
+/// Inputs of at most this many rows go through the fused kernels (quant/fused.hpp) where they apply,
+/// detail::fused_max_inputs rows a pass; each pass decodes W again, so larger batches take the panels (one
+/// decode, then a GEMM).
+inline constexpr index qgemm_fused_max_rows = 8;
 
 /// Rows of W per panel: about 2 MiB of Scalars, at least 8 rows.
 index qgemm_panel_rows(index cols, std::size_t scalar_size) noexcept;
@@ -112,13 +114,16 @@ inline bool qgemm_fused(const Eigen::Ref<const matrix<float>>& x, const quantize
   ws.x_rows.resize(x.rows(), x.cols());  // no allocation when the shape repeats
   ws.y_rows.resize(y.rows(), y.cols());
   ws.x_rows = x;
-  const float* xs[qgemm_fused_max_rows];
-  float* ys[qgemm_fused_max_rows];
-  for (index j = 0; j < x.rows(); ++j) {
-    xs[j] = ws.x_rows.row(j).data();
-    ys[j] = ws.y_rows.row(j).data();
+  for (index j0 = 0; j0 < x.rows(); j0 += fused_max_inputs) {
+    const float* xs[fused_max_inputs];
+    float* ys[fused_max_inputs];
+    const index m = std::min<index>(fused_max_inputs, x.rows() - j0);
+    for (index j = 0; j < m; ++j) {
+      xs[j] = ws.x_rows.row(j0 + j).data();
+      ys[j] = ws.y_rows.row(j0 + j).data();
+    }
+    if (!w.fused_forward(static_cast<int>(m), xs, ys)) return false;  // the same answer for every pass
   }
-  if (!w.fused_forward(static_cast<int>(x.rows()), xs, ys)) return false;
   y = ws.y_rows;
   return true;
 }
@@ -247,7 +252,7 @@ inline bool quantized_matrix::fused_forward(int n, const float* const* x, float*
 #if LORA_QUANT_FUSED
   const std::uint8_t* bytes = m_bytes.data();
   const index rows = m_rows, cols = m_cols;
-  if (n < 1 || n > qgemm_fused_max_rows || cols % 32 != 0) return false;
+  if (n < 1 || n > detail::fused_max_inputs || cols % 32 != 0) return false;
   const auto run = [&](const auto& format) {
     detail::fused_forward_rows(format, n, rows, cols, x, y);
     return true;
