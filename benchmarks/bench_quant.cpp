@@ -7,8 +7,10 @@
 //
 // Arguments: d = in = out, n = rows per call (1 = a decode step, 512 = a training micro-batch), and the
 // storage (0 bf16, 1 int8, 2 q8_0, 3 q4_0, 4 nf4, 5 nf4_dq). Counters: base_us (float32), quant_over_f32,
-// bits_per_weight. One thread unless OPENBLAS_NUM_THREADS says otherwise; the kernels of quant/ run on the
-// calling thread.
+// bits_per_weight. One thread unless OPENBLAS_NUM_THREADS says otherwise; the fused kernels of quant/ (up to
+// 8 input rows) take as many as lora::num_threads() (LORA_NUM_THREADS, else OPENBLAS_NUM_THREADS) when a
+// call is large enough, the panels' decoding stays on the calling thread. Results: 1 and 2 threads in
+// benchmarks/results/bench_quant_1thread.json and bench_quant_2threads.json.
 #include <benchmark/benchmark.h>
 
 #include <lora/linear.hpp>

@@ -9,6 +9,7 @@
 #include <lora/detail/input_cache.hpp>
 #include <lora/detail/layer_checks.hpp>
 #include <lora/detail/linear_core.hpp>
+#include <lora/detail/parallel.hpp>
 #include <lora/detail/row_blocks.hpp>
 #include <lora/dora.hpp>
 #include <lora/embedding.hpp>

@@ -150,8 +150,8 @@ void check_products(q::qtype type, Scalar tol, lora::index n) {
 }
 
 TEST(QuantMatrix, PanelProductsEqualTheDenseProductOfTheDequantizedWeight) {
-  for (auto t : {q::qtype::f32, q::qtype::bf16, q::qtype::int8, q::qtype::nf4, q::qtype::nf4_dq, q::qtype::q8_0,
-                 q::qtype::q4_0}) {
+  for (auto t : {q::qtype::f32, q::qtype::bf16, q::qtype::f16, q::qtype::int8, q::qtype::nf4, q::qtype::nf4_dq,
+                 q::qtype::q8_0, q::qtype::q4_0}) {
     for (lora::index n : {1, 3, 4, 5}) check_products<float>(t, 1e-5f, n);
     check_products<double>(t, 1e-12, 3);
   }
@@ -167,7 +167,8 @@ TEST(QuantMatrix, FusedKernelsApplyWhereRowsAreWholeBlocks) {
   xs[1] = xr.row(1).data();
   ys[0] = y0.data();
   ys[1] = y1.data();
-  for (auto t : {q::qtype::nf4, q::qtype::nf4_dq, q::qtype::q8_0, q::qtype::q4_0, q::qtype::int8}) {
+  for (auto t : {q::qtype::nf4, q::qtype::nf4_dq, q::qtype::q8_0, q::qtype::q4_0, q::qtype::int8, q::qtype::f32,
+                 q::qtype::bf16, q::qtype::f16}) {
     const q::quantized_matrix w = q::quantized_matrix::quantize(random_weight(8, 64, 7), t);
     EXPECT_EQ(w.fused_forward(2, xs, ys), LORA_QUANT_FUSED == 1) << q::qtype_name(t);
     if (LORA_QUANT_FUSED) {
@@ -175,10 +176,11 @@ TEST(QuantMatrix, FusedKernelsApplyWhereRowsAreWholeBlocks) {
       for (int r = 0; r < 8; ++r) EXPECT_NEAR(y1[static_cast<std::size_t>(r)], ref(1, r), 1e-5f) << q::qtype_name(t);
     }
   }
-  // Not whole blocks, or no codes to decode: the caller takes the panel products.
+  // Not whole blocks (NF4: 64, the others: 32), or more than 4 inputs: the caller takes the panel products.
   EXPECT_FALSE(q::quantized_matrix::quantize(random_weight(8, 96, 8), q::qtype::nf4).fused_forward(2, xs, ys));
   EXPECT_FALSE(q::quantized_matrix::quantize(random_weight(8, 60, 8), q::qtype::int8).fused_forward(2, xs, ys));
-  EXPECT_FALSE(q::quantized_matrix::quantize(random_weight(8, 64, 8), q::qtype::f32).fused_forward(2, xs, ys));
+  EXPECT_FALSE(q::quantized_matrix::quantize(random_weight(8, 48, 8), q::qtype::f32).fused_forward(2, xs, ys));
+  EXPECT_FALSE(q::quantized_matrix::quantize(random_weight(8, 64, 8), q::qtype::f32).fused_forward(5, xs, ys));
 }
 
 TEST(QuantMatrix, ProductsCheckShapes) {

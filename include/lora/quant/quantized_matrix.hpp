@@ -19,6 +19,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -70,9 +71,10 @@ class quantized_matrix {
   matrix<Scalar> dequantize() const;
 
   /// y[j][0 .. rows) = deq(W) · x[j] for j < n ≤ 4, x[j] contiguous cols floats, by the fused kernels of
-  /// quant/fused.hpp; false (nothing written) where they do not apply: f32, bf16, f16, rows not made of
-  /// whole blocks (NF4: cols % 64, int8: cols % 8), or a build without AVX2 + FMA.
-  bool fused_forward(int n, const float* const* x, float* const* y) const noexcept;
+  /// quant/fused.hpp (rows split across lora::num_threads() threads when the call is large); false
+  /// (nothing written) where they do not apply: rows not made of whole blocks (cols % 32; NF4: cols % 64),
+  /// f16 without F16C, or a build without AVX2 + FMA.
+  bool fused_forward(int n, const float* const* x, float* const* y) const;
 
  private:
   /// Row r decoded to float32 (cols values).
@@ -94,8 +96,10 @@ struct qgemm_workspace {
   Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> x_rows, y_rows;
 };
 
-/// Inputs of at most this many rows go through the fused kernels (quant/fused.hpp) where they apply.
-inline constexpr index qgemm_fused_max_rows = 4;
+/// Inputs of at most this many rows go through the fused kernels (quant/fused.hpp) where they apply,
+/// detail::fused_max_inputs rows a pass; each pass decodes W again, so larger batches take the panels (one
+/// decode, then a GEMM).
+inline constexpr index qgemm_fused_max_rows = 8;
 
 /// Rows of W per panel: about 2 MiB of Scalars, at least 8 rows.
 index qgemm_panel_rows(index cols, std::size_t scalar_size) noexcept;
@@ -110,13 +114,16 @@ inline bool qgemm_fused(const Eigen::Ref<const matrix<float>>& x, const quantize
   ws.x_rows.resize(x.rows(), x.cols());  // no allocation when the shape repeats
   ws.y_rows.resize(y.rows(), y.cols());
   ws.x_rows = x;
-  const float* xs[qgemm_fused_max_rows];
-  float* ys[qgemm_fused_max_rows];
-  for (index j = 0; j < x.rows(); ++j) {
-    xs[j] = ws.x_rows.row(j).data();
-    ys[j] = ws.y_rows.row(j).data();
+  for (index j0 = 0; j0 < x.rows(); j0 += fused_max_inputs) {
+    const float* xs[fused_max_inputs];
+    float* ys[fused_max_inputs];
+    const index m = std::min<index>(fused_max_inputs, x.rows() - j0);
+    for (index j = 0; j < m; ++j) {
+      xs[j] = ws.x_rows.row(j0 + j).data();
+      ys[j] = ws.y_rows.row(j0 + j).data();
+    }
+    if (!w.fused_forward(static_cast<int>(m), xs, ys)) return false;  // the same answer for every pass
   }
-  if (!w.fused_forward(static_cast<int>(x.rows()), xs, ys)) return false;
   y = ws.y_rows;
   return true;
 }
@@ -241,53 +248,42 @@ inline void quantized_matrix::decode_row(index r, float* out) const {
   }
 }
 
-inline bool quantized_matrix::fused_forward(int n, const float* const* x, float* const* y) const noexcept {
+inline bool quantized_matrix::fused_forward(int n, const float* const* x, float* const* y) const {
 #if LORA_QUANT_FUSED
   const std::uint8_t* bytes = m_bytes.data();
-  const index cols = m_cols;
-  if (m_type == qtype::nf4 || m_type == qtype::nf4_dq) {
-    if (m_nf4.block != 64 || cols % 64 != 0) return false;
-    const __m256 lo = _mm256_loadu_ps(nf4_code.data()), hi = _mm256_loadu_ps(nf4_code.data() + 8);
-    const std::uint8_t* packed = m_nf4.packed.data();
-    auto decode = [&](index r, index b, index k) {
-      return detail::nf4_decode8(packed + (r * cols + b * 64 + 8 * k) / 2, lo, hi);
-    };
-    const auto block_of = [cols](index r, index b) { return static_cast<std::size_t>(r * (cols / 64) + b); };
-    if (m_type == qtype::nf4) {
-      detail::fused_rows_n(n, m_rows, cols, 64, x, y, decode,
-                           [&](index r, index b) { return m_nf4.absmax[block_of(r, b)]; });
-    } else {
-      detail::fused_rows_n(n, m_rows, cols, 64, x, y, decode,
-                           [&](index r, index b) { return m_dq.absmax(block_of(r, b)); });
+  const index rows = m_rows, cols = m_cols;
+  if (n < 1 || n > detail::fused_max_inputs || cols % 32 != 0) return false;
+  const auto run = [&](const auto& format) {
+    detail::fused_forward_rows(format, n, rows, cols, x, y);
+    return true;
+  };
+  switch (m_type) {
+    case qtype::nf4:
+    case qtype::nf4_dq: {
+      if (m_nf4.block != 64 || cols % 64 != 0) return false;
+      const detail::nf4_format f{m_nf4.packed.data(), m_nf4.absmax.data(), cols / 64,
+                                 detail::make_lut16(nf4_code.data())};
+      if (m_type == qtype::nf4) return run(f);
+      return run(
+          detail::nf4_dq_format{f, m_dq.codes.data(), m_dq.absmax2.data(), nf4_dynamic_map().data(), m_dq.offset});
     }
-    return true;
-  }
-  if (m_type == qtype::q8_0 || m_type == qtype::q4_0) {
-    const bool q8 = m_type == qtype::q8_0;
-    const index block_bytes = q8 ? 34 : 18, row_bytes = cols / 32 * block_bytes;
-    auto at = [=](index r, index b) { return bytes + r * row_bytes + b * block_bytes; };
-    auto scale = [&](index r, index b) {
-      std::uint16_t h;
-      std::memcpy(&h, at(r, b), 2);
-      return io::detail::ggml_fp16_to_fp32(h);
-    };
-    if (q8) {
-      detail::fused_rows_n(
-          n, m_rows, cols, 32, x, y,
-          [&](index r, index b, index k) { return detail::i8_decode8(at(r, b) + 2 + 8 * k); }, scale);
-    } else {  // elements 0..15: low nibbles of bytes 0..15; 16..31: their high nibbles
-      detail::fused_rows_n(
-          n, m_rows, cols, 32, x, y,
-          [&](index r, index b, index k) { return detail::q4_decode8(at(r, b) + 2 + 8 * (k % 2), k >= 2); }, scale);
+    case qtype::q8_0:
+      return run(detail::q8_0_format{bytes, cols / 32 * 34});
+    case qtype::q4_0: {
+      return run(detail::q4_0_format{bytes, cols / 32 * 18});
     }
-    return true;
-  }
-  if (m_type == qtype::int8 && cols % 8 == 0) {
-    detail::fused_rows_n(
-        n, m_rows, cols, cols, x, y,
-        [&](index r, index, index k) { return detail::i8_decode8(bytes + r * cols + 8 * k); },
-        [&](index r, index) { return m_scales[static_cast<std::size_t>(r)]; });
-    return true;
+    case qtype::int8:
+      return run(detail::int8_format{bytes, m_scales.data(), cols});
+    case qtype::f32:
+      return run(detail::f32_format{{bytes, cols}});
+    case qtype::bf16:
+      return run(detail::bf16_format{{bytes, cols}});
+    case qtype::f16:
+#if defined(__F16C__)
+      return run(detail::f16_format{{bytes, cols}});
+#else
+      return false;
+#endif
   }
 #else
   (void)n, (void)x, (void)y;
