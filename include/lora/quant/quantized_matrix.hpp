@@ -14,7 +14,8 @@
 //
 // Products (quant/qgemm below): Y = X deq(W)ᵀ (forward) and dX += dY deq(W) (backward to the input), by
 // panels of rows of W dequantized into a workspace of about 2 MiB (thinner panels make thin, slow GEMMs) and multiplied
-// with Eigen's GEMM; the workspace is kept, so repeated calls allocate nothing.
+// with Eigen's GEMM; the workspace is kept, so repeated calls allocate nothing. Forward calls of at most 8 rows of X
+// (token-by-token decoding) in float take the fused kernels of quant/fused.hpp instead, where they apply.
 #pragma once
 
 #include <Eigen/Core>
