@@ -173,6 +173,16 @@ TEST(Gpt2GgufQuant, ProjectionsOfTypesWeDoNotComputeWithAreRefusedNamingTensorAn
   replace_tensor(q8, dir.file("q5.gguf"), "blk.0.attn_qkv.weight", io::ggml_type::q5_0);
   expect_error<lora::format_error>([&] { models::load_gpt2_gguf_quantized<float>(dir.file("q5.gguf")); },
                                    {"blk.0.attn_qkv.weight", "Q5_0"});
+  // A config of ~100 GB of weights and no tensors: refused before anything of the model's size is allocated.
+  io::gguf_writer huge;
+  const io::gguf_file small = io::gguf_file::open(q8);
+  for (const auto& [key, value] : small.metadata()) huge.set(key, value);
+  huge.set("gpt2.embedding_length", io::gguf_value::of(std::uint32_t{16384}));
+  huge.set("gpt2.feed_forward_length", io::gguf_value::of(std::uint32_t{65536}));
+  huge.set("gpt2.block_count", io::gguf_value::of(std::uint32_t{512}));
+  huge.write(dir.file("huge.gguf"));
+  expect_error<lora::format_error>([&] { models::load_gpt2_gguf_quantized<float>(dir.file("huge.gguf")); },
+                                   {"0 tensors"});
 }
 
 TEST(QuantizedMatrixFromGgml, CopiesRowsAndRefusesOtherTypesAndShapes) {
