@@ -377,11 +377,8 @@ struct finetune_spec {
   lora::quant::qtype base = lora::quant::qtype::f32;  ///< how the projections' frozen weights are stored
 };
 
-/// A model on `weights` (a copy of the base, or the base itself), set up for `spec`: the projections stored
-/// as spec.base (their float tensors released), the adapter added, the base tensors that train.
-std::unique_ptr<ex::lm> make_model(ex::lm_weights weights, const finetune_spec& spec) {
-  auto model = std::make_unique<ex::lm>(std::move(weights));
-  model->set_base_storage(spec.base);
+/// Sets up `model` for spec.m: the adapter added (LoRA), or the base tensors that train.
+void add_method(ex::lm& model, const finetune_spec& spec) {
   if (spec.m == method::lora) {
     lora::adapter_config c;
     c.rank = spec.rank;
@@ -389,12 +386,20 @@ std::unique_ptr<ex::lm> make_model(ex::lm_weights weights, const finetune_spec& 
     c.dropout = spec.dropout;
     c.use_rslora = spec.rslora;
     c.seed = 1000 * spec.seed + 1;
-    model->add_adapter("default", c, spec.targets);
+    model.add_adapter("default", c, spec.targets);
   } else if (spec.m == method::full) {
-    model->set_base_training(gpt2_base_training::full);
+    model.set_base_training(gpt2_base_training::full);
   } else if (spec.m == method::norms_and_head) {
-    model->set_base_training(gpt2_base_training::norms_and_head);
+    model.set_base_training(gpt2_base_training::norms_and_head);
   }
+}
+
+/// A model on `weights` (a copy of the base, or the base itself), set up for `spec`: the projections stored
+/// as spec.base (their float tensors released), the adapter added, the base tensors that train.
+std::unique_ptr<ex::lm> make_model(ex::lm_weights weights, const finetune_spec& spec) {
+  auto model = std::make_unique<ex::lm>(std::move(weights));
+  model->set_base_storage(spec.base);
+  add_method(*model, spec);
   return model;
 }
 
@@ -429,11 +434,24 @@ lora::quant::qtype parse_base_dtype(const ex::flag_table& f, const std::string& 
   }
 }
 
+/// finetune's, eval's and generate's --base-dtype: a storage, or "keep" (true: the projections as a GGUF
+/// base stores them; float32 for a Hugging Face folder).
+bool parse_base_dtype_or_keep(const ex::flag_table& f, const std::string& v, lora::quant::qtype& type) {
+  if (v == "keep") return true;
+  try {
+    type = lora::quant::parse_qtype(v);
+  } catch (const lora::config_error& e) {
+    f.fail(ex::cat("--base-dtype: ", e.what(), ", or keep (a GGUF base's own types)"));
+  }
+  return false;
+}
+
 struct finetune_options {
   std::string model_dir, out, val_file;
   std::string init_adapter;  ///< continue training this PEFT adapter (its rank, alpha, targets)
   std::vector<std::string> train_files;
   finetune_spec spec;
+  bool keep_base = false;  ///< --base-dtype keep
   ex::train_setup train = [] {
     ex::train_setup t;
     t.steps = 100;
@@ -455,7 +473,8 @@ const char* kFinetuneUsage =
     "full and norms_and_head save a whole model folder there.\n"
     "\n"
     "options:\n"
-    "  --model DIR          the base model folder (config.json, model.safetensors [, vocab.json, merges.txt])\n"
+    "  --model DIR          the base model folder (config.json, model.safetensors [, vocab.json, merges.txt]),\n"
+    "                       or a GPT-2 GGUF file (llama.cpp's; its vocabulary is the tokenizer)\n"
     "  --train FILES        training text files, comma-separated (or --train repeated)\n"
     "  --val FILE           validation text: its bits per byte are printed before and after\n"
     "  --out DIR            where the adapter (or model) is written\n"
@@ -468,7 +487,8 @@ const char* kFinetuneUsage =
     "  --rslora             scaling alpha / sqrt(r)\n"
     "  --base-dtype D       store the frozen projections as f32 (default), bf16, f16, int8 (per row),\n"
     "                       nf4, nf4_dq (QLoRA's NF4, double-quantized), q8_0 or q4_0 (ggml's): the\n"
-    "                       adapters train over the quantized base (LoRA and norms_and_head)\n"
+    "                       adapters train over the quantized base (LoRA and norms_and_head); keep: a GGUF\n"
+    "                       base's own types (F16, BF16, Q8_0, Q4_0 blocks used as they are; f32 for a folder)\n"
     "  --adapter DIR        continue training this PEFT adapter (e.g. one converted from llama.cpp with\n"
     "                       lora-gguf to-peft): its rank, alpha, targets and rsLoRA come from the folder,\n"
     "                       so --rank, --alpha, --targets, --rslora and --dropout are refused with it\n"
@@ -496,7 +516,8 @@ void parse_finetune(const std::vector<std::string>& args, finetune_options& o) {
   f.bind("--dropout", o.spec.dropout, 0);
   f.bind("--rslora", o.spec.rslora);
   f.bind("--adapter", o.init_adapter);
-  f.on("--base-dtype", ex::flag_table::setter([&](const std::string& v) { o.spec.base = parse_base_dtype(f, v); }));
+  f.on("--base-dtype", ex::flag_table::setter(
+                           [&](const std::string& v) { o.keep_base = parse_base_dtype_or_keep(f, v, o.spec.base); }));
   f.bind("--lr", o.train.lr, 0);
   f.on("--seed", ex::flag_table::setter([&](const std::string& v) {
          o.spec.seed = static_cast<std::uint64_t>(f.number("--seed", v, 0));
@@ -517,6 +538,9 @@ void parse_finetune(const std::vector<std::string>& args, finetune_options& o) {
   if (o.spec.base != lora::quant::qtype::f32 && o.spec.m == method::full)
     f.fail(ex::cat("--base-dtype ", lora::quant::qtype_name(o.spec.base),
                    " keeps the projections frozen in fewer bits: it needs --method lora or norms_and_head"));
+  if (o.keep_base && o.spec.m == method::full)
+    f.fail(
+        "--base-dtype keep keeps the projections frozen in the file's types: it needs --method lora or norms_and_head");
   if (!o.init_adapter.empty()) {
     if (o.spec.m != method::lora) f.fail("--adapter continues a LoRA adapter: it needs --method lora");
     for (const char* flag : {"--rank", "--alpha", "--targets", "--rslora", "--dropout"})
@@ -540,19 +564,21 @@ std::string run_key(const finetune_options& o) {
 int run_finetune(const std::vector<std::string>& args) {
   finetune_options o;
   parse_finetune(args, o);
-  ex::base_model base = ex::load_base_model(o.model_dir);
+  ex::base_model base = ex::load_base_model(o.model_dir, o.keep_base);
   if (o.train.context > base.weights.config().n_positions)
     throw lora::config_error(
         ex::cat("--context ", o.train.context, " exceeds the model's n_positions ", base.weights.config().n_positions));
   const ex::token_list train_ids = read_token_files(o.train_files, base.tok);
   ex::token_list val_ids;
   if (!o.val_file.empty()) val_ids = base.tok.encode(ex::read_model_text(o.val_file, base.tok));
-  std::unique_ptr<ex::lm> model;
-  if (o.init_adapter.empty()) {
-    model = make_model(std::move(base.weights), o.spec);  // the base itself: no second copy
-  } else {
-    model = std::make_unique<ex::lm>(std::move(base.weights));
+  std::unique_ptr<ex::lm> model = ex::make_base_lm(base);  // the base itself: no second copy
+  if (o.keep_base)
+    o.spec.base = model->base_storage();  // the file's own (a GGUF's blocks as they are)
+  else
     model->set_base_storage(o.spec.base);
+  if (o.init_adapter.empty()) {
+    add_method(*model, o.spec);
+  } else {
     ex::attach_adapter(*model, o.init_adapter);  // trainable, active, named "default"
   }
   json out = {{"model", o.model_dir},
@@ -582,10 +608,7 @@ int run_finetune(const std::vector<std::string>& args) {
     std::fprintf(stderr, "saved the LoRA adapter (PEFT folder) in %s\n", o.out.c_str());
   } else {
     lora::models::save_gpt2(o.out, model->weights());
-    for (const char* file : {"vocab.json", "merges.txt"}) {  // the tokenizer goes with the model
-      const fs::path from = fs::path(o.model_dir) / file;
-      if (fs::exists(from)) fs::copy_file(from, fs::path(o.out) / file, fs::copy_options::overwrite_existing);
-    }
+    ex::save_base_tokenizer(o.model_dir, o.out);  // the tokenizer goes with the model
     std::fprintf(stderr, "saved the fine-tuned model (Hugging Face GPT-2 folder) in %s\n", o.out.c_str());
   }
   out["out"] = o.out;
@@ -600,6 +623,7 @@ struct model_options {
   std::string model_dir, adapter_dir;
   bool merge = false;
   lora::quant::qtype base = lora::quant::qtype::f32;
+  bool keep_base = false;  ///< --base-dtype keep
 };
 
 /// The flags eval and generate share.
@@ -607,15 +631,17 @@ void bind_model_flags(ex::flag_table& f, model_options& mo) {
   f.bind("--model", mo.model_dir);
   f.bind("--adapter", mo.adapter_dir);
   f.bind("--merge", mo.merge);
-  f.on("--base-dtype", ex::flag_table::setter([&](const std::string& v) { mo.base = parse_base_dtype(f, v); }));
+  f.on("--base-dtype",
+       ex::flag_table::setter([&](const std::string& v) { mo.keep_base = parse_base_dtype_or_keep(f, v, mo.base); }));
 }
 
 constexpr const char* kModelFlagsHelp =
-    "  --model DIR        Hugging Face GPT-2 folder\n"
+    "  --model DIR        Hugging Face GPT-2 folder, or a GPT-2 GGUF file\n"
     "  --adapter DIR      PEFT LoRA adapter folder to apply\n"
     "  --merge            merge the adapter into the weights first (into a quantized base: re-quantized,\n"
     "                     and the error it introduces is printed)\n"
-    "  --base-dtype D     store the projections as f32 (default), bf16, f16, int8, nf4, nf4_dq, q8_0, q4_0\n";
+    "  --base-dtype D     store the projections as f32 (default), bf16, f16, int8, nf4, nf4_dq, q8_0, q4_0,\n"
+    "                     or keep: a GGUF base's own types (its blocks used as they are)\n";
 
 /// A base folder and the model built on it: --adapter attached (merged into the weights with --merge).
 struct opened_model {
@@ -624,9 +650,9 @@ struct opened_model {
 };
 
 opened_model open_model(const model_options& o) {
-  opened_model m{ex::load_base_model(o.model_dir), nullptr};
-  m.model = std::make_unique<ex::lm>(std::move(m.base.weights));  // m.base keeps the tokenizer
-  m.model->set_base_storage(o.base);
+  opened_model m{ex::load_base_model(o.model_dir, o.keep_base), nullptr};
+  m.model = ex::make_base_lm(m.base);  // m.base keeps the tokenizer
+  if (!o.keep_base) m.model->set_base_storage(o.base);
   if (!o.adapter_dir.empty()) {
     ex::attach_adapter(*m.model, o.adapter_dir);
     if (o.merge) m.model->merge();
@@ -637,8 +663,8 @@ opened_model open_model(const model_options& o) {
     std::fprintf(stderr,
                  "merged into a %s base by re-quantizing W + s B A: max |dW| %.3g, RMS dW %.3g (%.3g of RMS W), "
                  "output change on a probe batch %.3g of its RMS (worst layer)\n",
-                 lora::quant::qtype_name(o.base), worst.max_weight, worst.rms_weight, worst.rel_rms_weight,
-                 worst.rel_rms_output);
+                 lora::quant::qtype_name(m.model->base_storage()), worst.max_weight, worst.rms_weight,
+                 worst.rel_rms_weight, worst.rel_rms_output);
   }
   m.model->train(false);
   return m;

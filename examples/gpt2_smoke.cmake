@@ -1,6 +1,8 @@
 # The smoke test of gpt2_finetune (ctest example.gpt2_finetune.smoke): every verb at a tiny size on
 # the repository's own text, and the bad inputs that must fail with a message naming the file.
-#   cmake -DPROGRAM=path/to/gpt2_finetune -DWORK=dir -DTRAIN=file -DVAL=file -P gpt2_smoke.cmake
+#   cmake -DPROGRAM=path/to/gpt2_finetune [-DGGUF=path/to/lora-gguf] -DWORK=dir -DTRAIN=file -DVAL=file
+#         -P gpt2_smoke.cmake
+# With GGUF (the tools are built): LoRA over a Q8_0 GGUF base as llama.cpp stores it (--base-dtype keep).
 file(REMOVE_RECURSE "${WORK}")
 file(MAKE_DIRECTORY "${WORK}")
 
@@ -91,3 +93,37 @@ file(WRITE "${WORK}/bad_tokenizer/merges.txt" "#version: 0.2\na b\n")
 must_fail(bad_tokenizer "vocab.json" eval --model "${WORK}/bad_tokenizer" --text "${VAL}")
 # Bytes that are not UTF-8 are fine for the byte tokenizer.
 run(binary_text eval --model "${WORK}/base" --text "${WORK}/base/model.safetensors" --json)
+
+# A Q8_0 GGUF base (lora-gguf model) trained over as it is stored: --base-dtype keep keeps the projections in
+# the file's blocks (no float copy), so the frozen weights take about 8.5 / 32 of their float bytes; the
+# same file dequantized (the default) must evaluate alike, to float rounding.
+if(DEFINED GGUF AND NOT GGUF STREQUAL "")
+  execute_process(COMMAND "${GGUF}" model "${WORK}/base" --out "${WORK}/base_q8.gguf" --type q8_0
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "lora-gguf model --type q8_0 exited ${rc}\n${out}\n${err}")
+  endif()
+  set(q8 --model "${WORK}/base_q8.gguf")
+  run(q8_lora finetune ${q8} --base-dtype keep --train "${TRAIN}" --rank 4 --lr 1e-2 ${tiny} --out "${WORK}/lora_q8"
+      --json)
+  if(NOT q8_lora_out MATCHES "\"base_dtype\": \"q8_0\"")
+    message(FATAL_ERROR "finetune --base-dtype keep over a Q8_0 GGUF did not keep Q8_0:\n${q8_lora_out}")
+  endif()
+  string(REGEX MATCH "\"weight_bytes\": ([0-9]+)" m "${q8_lora_out}")
+  set(q8_bytes "${CMAKE_MATCH_1}")
+  string(REGEX MATCH "\"weight_bytes\": ([0-9]+)" m "${lora_out}")
+  if(q8_bytes STREQUAL "" OR NOT q8_bytes LESS CMAKE_MATCH_1)
+    message(FATAL_ERROR "the Q8_0 base holds ${q8_bytes} weight bytes, the float one ${CMAKE_MATCH_1}")
+  endif()
+  run(q8_keep eval ${q8} --base-dtype keep --adapter "${WORK}/lora_q8" --text "${VAL}" --json)
+  run(q8_float eval ${q8} --adapter "${WORK}/lora_q8" --text "${VAL}" --json)
+  string(REGEX MATCH "\"bits_per_byte\":[0-9]\\.[0-9][0-9][0-9][0-9][0-9]" a "${q8_keep_out}")
+  string(REGEX MATCH "\"bits_per_byte\":[0-9]\\.[0-9][0-9][0-9][0-9][0-9]" b "${q8_float_out}")
+  if(a STREQUAL "" OR NOT a STREQUAL b)
+    message(FATAL_ERROR "the Q8_0 base kept and dequantized differ:\n${q8_keep_out}\n${q8_float_out}")
+  endif()
+  run(q8_generate generate ${q8} --base-dtype keep --adapter "${WORK}/lora_q8" --prompt "The " --length 8)
+  must_fail(q8_keep_full "needs --method lora" finetune ${q8} --base-dtype keep --method full --train "${TRAIN}"
+            --out "${WORK}/x" ${tiny})
+  must_fail(q8_bad_dtype "or keep" finetune ${q8} --base-dtype q5_k --train "${TRAIN}" --out "${WORK}/x" ${tiny})
+endif()

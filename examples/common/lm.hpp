@@ -1,5 +1,6 @@
 // examples/common/lm.hpp: what gpt2_finetune does with a language model, in one place: load a Hugging
-// Face folder (and a PEFT adapter onto it), evaluate bits per byte, generate, and the training loop.
+// Face folder or a GPT-2 GGUF file (and a PEFT adapter onto it), evaluate bits per byte, generate, and the training
+// loop.
 //
 // Evaluation (the definition `gpt2_finetune eval` prints, kept exactly so that others can reproduce it):
 // the text is tokenized whole into n tokens t_0 .. t_{n-1} and cut into consecutive, non-overlapping
@@ -18,18 +19,22 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <lora/io/checkpoint.hpp>
 #include <lora/io/peft.hpp>
 #include <lora/lora.hpp>
 #include <lora/models/gpt2.hpp>
+#include <lora/models/gpt2_gguf.hpp>
 #include <lora/models/gpt2_io.hpp>
 #include <lora/models/tokenizer.hpp>
 #include <lora/optim.hpp>
 #include <memory>
 #include <string>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -49,17 +54,80 @@ using lm_weights = lora::models::gpt2_weights<float>;
 /// An owned copy of `w` (gpt2_weights' copy is deep, into new storage).
 inline lm_weights clone_weights(const lm_weights& w) { return w; }
 
-/// A Hugging Face GPT-2 folder: config, weights and the tokenizer that goes with it.
+/// A base model: config, weights and the tokenizer that goes with it, from a Hugging Face GPT-2 folder or
+/// a GPT-2 GGUF file (llama.cpp's; its vocabulary is the tokenizer).
 struct base_model {
-  std::string dir;
+  std::string dir;  ///< the folder, or the GGUF file
   lm_weights weights;
   lora::models::tokenizer tok;
+  /// A GGUF base loaded with its file's types kept: the 4 L projections in the file's blocks (their float
+  /// tensors released from `weights`); empty otherwise. make_base_lm builds the model on both.
+  std::vector<lora::quant::quantized_matrix> projections;
 };
 
-inline base_model load_base_model(const std::string& dir) {
-  auto loaded = lora::models::load_gpt2<float>(dir);
-  auto tok = lora::models::tokenizer::from_folder(dir, loaded.config.vocab_size);
-  return {dir, std::move(loaded.weights), std::move(tok)};
+/// The tokenizer of a GPT-2 GGUF's vocabulary: the byte tokenizer for the 257-token byte vocabulary (no
+/// merges), GPT-2's BPE otherwise (the vocabulary written as vocab.json + merges.txt to a private temporary
+/// folder and read back, with every check of tokenizer::from_folder).
+inline lora::models::tokenizer gguf_tokenizer(const lora::io::gguf_file& file, lora::index vocab_size) {
+  const lora::models::gguf_vocab vocab = lora::models::read_gguf_vocab(file);
+  if (!vocab.bpe) {
+    if (vocab.tokens.size() != static_cast<std::size_t>(lora::models::byte_tokenizer::vocab_size()) ||
+        vocab_size != lora::models::byte_tokenizer::vocab_size())
+      throw lora::format_error(cat("GGUF file '", file.path(), "' has no merges and ", vocab.tokens.size(),
+                                   " tokens (model vocab_size ", vocab_size, "): neither GPT-2's BPE nor the byte ",
+                                   "vocabulary of ", lora::models::byte_tokenizer::vocab_size()));
+    return lora::models::tokenizer(lora::models::byte_tokenizer{});
+  }
+  std::string dir = (std::filesystem::temp_directory_path() / "lora-gguf-vocab-XXXXXX").string();
+  if (::mkdtemp(dir.data()) == nullptr)
+    throw lora::io_error(cat("cannot make a temporary folder for the vocabulary of '", file.path(), "'"));
+  struct remover {
+    std::string path;
+    ~remover() {
+      std::error_code ec;
+      std::filesystem::remove_all(path, ec);
+    }
+  } cleanup{dir};
+  lora::models::save_gguf_vocab(dir, vocab);
+  return lora::models::tokenizer::from_folder(dir, vocab_size);
+}
+
+/// Loads `path`: a Hugging Face GPT-2 folder, or a GPT-2 GGUF file (io::is_gguf_file), dequantized to float,
+/// or with `keep_file_types` its projections kept in the file's blocks (F16, BF16, Q8_0, Q4_0, F32) so that
+/// LoRA trains over the base as it is stored. For a folder `keep_file_types` changes nothing (float32).
+inline base_model load_base_model(const std::string& path, bool keep_file_types = false) {
+  if (!lora::io::is_gguf_file(path)) {
+    auto loaded = lora::models::load_gpt2<float>(path);
+    auto tok = lora::models::tokenizer::from_folder(path, loaded.config.vocab_size);
+    return {path, std::move(loaded.weights), std::move(tok), {}};
+  }
+  const lora::models::gpt2_config config = lora::models::read_gpt2_gguf_config(lora::io::gguf_file::open(path));
+  auto tok = gguf_tokenizer(lora::io::gguf_file::open(path), config.vocab_size);  // refused before the weights
+  if (!keep_file_types) return {path, lora::models::load_gpt2_gguf<float>(path).weights, std::move(tok), {}};
+  auto kept = lora::models::load_gpt2_gguf_quantized<float>(path);
+  return {path, std::move(kept.weights), std::move(tok), std::move(kept.projections)};
+}
+
+/// The model on a loaded base (its weights, and its projections when they were kept quantized), taking them.
+inline std::unique_ptr<lm> make_base_lm(base_model& base) {
+  if (base.projections.empty()) return std::make_unique<lm>(std::move(base.weights));
+  return std::make_unique<lm>(std::move(base.weights), std::move(base.projections));
+}
+
+/// Writes the tokenizer of the base at `model_path` next to a model saved in `out`: vocab.json and
+/// merges.txt copied from a folder, or a GGUF's BPE vocabulary written as those files (nothing for the byte
+/// vocabulary, which tokenizer::from_folder picks by itself).
+inline void save_base_tokenizer(const std::string& model_path, const std::string& out) {
+  if (lora::io::is_gguf_file(model_path)) {
+    lora::models::save_gguf_vocab(out, lora::models::read_gguf_vocab(lora::io::gguf_file::open(model_path)));
+    return;
+  }
+  for (const char* file : {"vocab.json", "merges.txt"}) {
+    const std::filesystem::path from = std::filesystem::path(model_path) / file;
+    if (std::filesystem::exists(from))
+      std::filesystem::copy_file(from, std::filesystem::path(out) / file,
+                                 std::filesystem::copy_options::overwrite_existing);
+  }
 }
 
 /// Loads the PEFT adapter in `adapter_dir` and attaches it to `model` as adapter "default". Every error

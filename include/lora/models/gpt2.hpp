@@ -86,6 +86,11 @@ class gpt2 {
 
   /// Takes the weights (owned or borrowed storage); the projections view them.
   explicit gpt2(weights_type weights);
+  /// A model whose projections own quantized weights from the start (a GGUF base kept in its blocks:
+  /// gpt2_gguf.hpp): `weights` without the 4 L projection tensors (released), and `projections` their
+  /// weights W (out x in), block by block in gpt2_module order. shape_error on a wrong count or shape;
+  /// state_error when a projection tensor is still held in `weights` or another tensor is released.
+  gpt2(weights_type weights, std::vector<quant::quantized_matrix> projections);
   gpt2(const gpt2&) = delete;
   gpt2& operator=(const gpt2&) = delete;
 
@@ -264,6 +269,39 @@ gpt2<Scalar>::gpt2(weights_type weights) : m_weights(std::move(weights)) {
       m_layers.emplace_back(view, w, gpt2_module_path(l, mod), weight_layout::in_out);
     }
   }
+  m_blocks.resize(static_cast<std::size_t>(c.n_layer));
+}
+
+template <typename Scalar>
+gpt2<Scalar>::gpt2(weights_type weights, std::vector<quant::quantized_matrix> projections)
+    : m_weights(std::move(weights)) {
+  const auto& c = config();
+  const index count = c.n_layer * gpt2_module_count;
+  if (static_cast<index>(projections.size()) != count)
+    throw shape_error(lora::detail::cat("gpt2: expected ", count, " quantized projections (4 per block, ", c.n_layer,
+                                        " blocks), got ", projections.size()));
+  std::vector<bool> is_projection(static_cast<std::size_t>(m_weights.num_tensors()), false);
+  for (index k = 0; k < count; ++k) {
+    const auto mod = static_cast<gpt2_module>(k % gpt2_module_count);
+    const index id = tensor_of(k / gpt2_module_count, mod, false);
+    const auto& s = m_weights.spec(id);  // [in, out]: W is out x in
+    const auto& q = projections[static_cast<std::size_t>(k)];
+    if (q.rows() != s.cols || q.cols() != s.rows)
+      throw shape_error(lora::detail::cat("gpt2: projection ", k, " (", gpt2_module_path(k / gpt2_module_count, mod),
+                                          ") must be ", lora::detail::shape_str(s.cols, s.rows), " (out x in), got ",
+                                          lora::detail::shape_str(q.rows(), q.cols())));
+    is_projection[static_cast<std::size_t>(id)] = true;
+  }
+  for (index id = 0; id < m_weights.num_tensors(); ++id)
+    if (m_weights.has(id) == is_projection[static_cast<std::size_t>(id)])
+      throw state_error(lora::detail::cat("gpt2: tensor '", m_weights.spec(id).name, "' is ",
+                                          m_weights.has(id) ? "held" : "released",
+                                          "; a model built from quantized projections takes weights without exactly "
+                                          "the projection tensors"));
+  m_layers.reserve(static_cast<std::size_t>(count));
+  for (index k = 0; k < count; ++k)
+    m_layers.emplace_back(std::move(projections[static_cast<std::size_t>(k)]),
+                          gpt2_module_path(k / gpt2_module_count, static_cast<gpt2_module>(k % gpt2_module_count)));
   m_blocks.resize(static_cast<std::size_t>(c.n_layer));
 }
 

@@ -17,7 +17,9 @@
 // converter does. The tokenizer goes in as tokenizer.ggml.*: GPT-2's BPE (model "gpt2", pre "gpt-2",
 // tokens and merges in GPT-2's alphabet) or the 257-token byte vocabulary (pre "default", token k < 256 =
 // the GPT-2 alphabet character of byte k, no merges, token 256 "<|endoftext|>" of type control); BOS and
-// EOS are <|endoftext|>.
+// EOS are <|endoftext|>. A model loads dequantized to float (load_gpt2_gguf), or with its projections kept
+// in the file's blocks (load_gpt2_gguf_quantized: F16, BF16, Q8_0, Q4_0 or F32 as quant::quantized_matrix),
+// so that adapters train over a llama.cpp-quantized base as it is (docs/CONVENTIONS.md §quant).
 //
 // Adapters: a PEFT adapter on GPT-2 (module paths transformer.h.N.attn.c_attn, attn.c_proj, mlp.c_fc,
 // mlp.c_proj, fan_in_fan_out) maps module by module onto the tensors above; A and B are written as PEFT
@@ -25,6 +27,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -42,6 +45,7 @@
 #include "../io/gguf.hpp"
 #include "../io/gguf_lora.hpp"
 #include "../io/peft.hpp"
+#include "../quant/quantized_matrix.hpp"
 #include "byte_tokenizer.hpp"
 #include "detail/bpe_files.hpp"
 #include "gpt2_config.hpp"
@@ -92,6 +96,25 @@ gpt2_config read_gpt2_gguf_config(const io::gguf_file& file);
 /// (format_error naming the tensor otherwise).
 template <typename Scalar>
 gpt2_checkpoint<Scalar> load_gpt2_gguf(const std::string& path);
+
+/// A GPT-2 GGUF whose projections stay in the file's ggml blocks (never a float copy of them).
+template <typename Scalar>
+struct gpt2_gguf_quantized {
+  gpt2_config config;
+  gpt2_weights<Scalar> weights;  ///< every tensor but the 4 L projections (released), dequantized to Scalar
+  /// W (out x in) of each projection as stored: the file's bytes, F32, F16, BF16, Q8_0 or Q4_0 as qtype f32,
+  /// f16, bf16, q8_0 or q4_0; block by block in gpt2_module order (c_attn, attn.c_proj, c_fc, mlp.c_proj),
+  /// as gpt2's constructor taking projections wants them.
+  std::vector<quant::quantized_matrix> projections;
+};
+/// Loads a GPT-2 GGUF for training over its projections as they are stored: the embeddings, norms and
+/// biases dequantized as load_gpt2_gguf does, the projections' blocks copied into quantized_matrix'es
+/// (GGUF stores Conv1D weights transposed, out x in with in contiguous: quantized_matrix's row layout).
+/// The same checks as load_gpt2_gguf, before anything of the model's size is allocated (a tensor of a
+/// type this library does not compute with is a format_error naming the tensor and the type).
+///   gpt2<float> model(std::move(q.weights), std::move(q.projections));
+template <typename Scalar>
+gpt2_gguf_quantized<Scalar> load_gpt2_gguf_quantized(const std::string& path);
 
 /// The vocabulary a GPT-2 GGUF carries (tokenizer.ggml.tokens, .merges, .eos_token_id); format_error when
 /// the keys are missing or of the wrong type, or the tokenizer model is not "gpt2".
@@ -294,20 +317,61 @@ inline void check_gpt2_gguf_tensors(const io::gguf_file& f, const gpt2_config& c
 
 }  // namespace detail
 
+namespace detail {
+
+/// Reads every tensor `weights` holds from `f` (dequantized to Scalar, Conv1D weights transposed back).
+template <typename Scalar>
+void read_gpt2_gguf_tensors(const io::gguf_file& f, gpt2_weights<Scalar>& weights) {
+  for (index id = 0; id < weights.num_tensors(); ++id) {
+    if (!weights.has(id)) continue;
+    const auto [name, transposed] = gpt2_gguf_tensor_name(weights.config(), id);
+    if (weights.spec(id).is_vector()) {
+      weights.flat(id) = f.read_vector<Scalar>(name);
+    } else if (transposed) {
+      weights.matrix(id) = f.read_matrix<Scalar>(name).transpose();
+    } else {
+      weights.matrix(id) = f.read_matrix<Scalar>(name);
+    }
+  }
+}
+
+/// Table ids of the projection weights of block l, in gpt2_module order.
+inline std::array<index, 4> gpt2_projection_ids(index l) {
+  return {gpt2_tensor_id(l, block_tensor::c_attn_weight), gpt2_tensor_id(l, block_tensor::attn_c_proj_weight),
+          gpt2_tensor_id(l, block_tensor::c_fc_weight), gpt2_tensor_id(l, block_tensor::mlp_c_proj_weight)};
+}
+
+}  // namespace detail
+
 template <typename Scalar>
 gpt2_checkpoint<Scalar> load_gpt2_gguf(const std::string& path) {
   const io::gguf_file f = io::gguf_file::open(path);
   const gpt2_config config = read_gpt2_gguf_config(f);
   detail::check_gpt2_gguf_tensors(f, config);  // the file holds every byte the model needs
   gpt2_checkpoint<Scalar> out{config, gpt2_weights<Scalar>(config)};
-  for (index id = 0; id < out.weights.num_tensors(); ++id) {
-    const auto [name, transposed] = gpt2_gguf_tensor_name(config, id);
-    if (out.weights.spec(id).is_vector()) {
-      out.weights.flat(id) = f.read_vector<Scalar>(name);
-    } else if (transposed) {
-      out.weights.matrix(id) = f.read_matrix<Scalar>(name).transpose();
-    } else {
-      out.weights.matrix(id) = f.read_matrix<Scalar>(name);
+  detail::read_gpt2_gguf_tensors(f, out.weights);
+  return out;
+}
+
+template <typename Scalar>
+gpt2_gguf_quantized<Scalar> load_gpt2_gguf_quantized(const std::string& path) {
+  const io::gguf_file f = io::gguf_file::open(path);
+  const gpt2_config config = read_gpt2_gguf_config(f);
+  detail::check_gpt2_gguf_tensors(f, config);  // every tensor present, shaped and of a type we compute with
+  std::vector<bool> released(static_cast<std::size_t>(gpt2_tensor_specs(config).size()), false);
+  for (index l = 0; l < config.n_layer; ++l)
+    for (const index id : detail::gpt2_projection_ids(l)) released[static_cast<std::size_t>(id)] = true;
+  gpt2_gguf_quantized<Scalar> out{config, gpt2_weights<Scalar>(config, released), {}};
+  detail::read_gpt2_gguf_tensors(f, out.weights);
+  out.projections.reserve(static_cast<std::size_t>(4 * config.n_layer));
+  for (index l = 0; l < config.n_layer; ++l) {
+    for (const index id : detail::gpt2_projection_ids(l)) {
+      const std::string name = gpt2_gguf_tensor_name(config, id).first;
+      const gpt2_tensor_spec& s = out.weights.spec(id);  // HF [in, out]; the file's ne [in, out]: W out x in
+      const io::tensor_bytes raw = f.raw(name);
+      LORA_ASSERT(raw.size() == io::ggml_row_bytes(f.info(name).type, static_cast<std::uint64_t>(s.rows)) *
+                                    static_cast<std::uint64_t>(s.cols));
+      out.projections.push_back(quant::quantized_matrix::from_ggml(f.info(name).type, s.cols, s.rows, raw.data()));
     }
   }
   return out;

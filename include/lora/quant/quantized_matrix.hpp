@@ -55,6 +55,14 @@ class quantized_matrix {
   /// q8_0 / q4_0 when cols is not a multiple of 32.
   template <typename Derived>
   static quantized_matrix quantize(const Eigen::MatrixBase<Derived>& w, qtype type);
+  /// W from rows exactly as ggml stores them (row r = output r: cols values in ggml_row_bytes(type, cols)
+  /// bytes), copied byte for byte, never decoded: F32, F16, BF16, Q8_0 and Q4_0 become qtype f32, f16, bf16,
+  /// q8_0 and q4_0. dtype_error naming the type for any other ggml type; shape_error when cols is not a
+  /// multiple of the type's block size (32 for Q8_0 / Q4_0).
+  static quantized_matrix from_ggml(io::ggml_type type, index rows, index cols, const std::uint8_t* bytes);
+  /// The stored rows as ggml lays them out (f32, bf16, f16, q8_0, q4_0: rows · ggml_row_bytes bytes), the
+  /// inverse of from_ggml; dtype_error for int8 and the NF4 formats, which are no ggml formats.
+  const std::vector<std::uint8_t>& ggml_bytes() const;
 
   qtype type() const noexcept { return m_type; }
   index rows() const noexcept { return m_rows; }
@@ -218,6 +226,37 @@ quantized_matrix quantized_matrix::quantize(const Eigen::MatrixBase<Derived>& w,
     }
   }
   return q;
+}
+
+inline quantized_matrix quantized_matrix::from_ggml(io::ggml_type type, index rows, index cols,
+                                                    const std::uint8_t* bytes) {
+  static constexpr qtype row_formats[] = {qtype::f32, qtype::bf16, qtype::f16, qtype::q8_0, qtype::q4_0};
+  const auto* it = std::find_if(std::begin(row_formats), std::end(row_formats),
+                                [type](qtype t) { return detail::ggml_of(t) == type; });
+  if (it == std::end(row_formats))
+    throw dtype_error(detail::cat("quantized_matrix::from_ggml: ggml type ", io::ggml_type_name(type), " (code ",
+                                  static_cast<std::uint32_t>(type),
+                                  ") is not one this library computes with (F32, F16, BF16, Q8_0, Q4_0)"));
+  const std::uint32_t block = io::ggml_traits(type).block_size;
+  if (rows < 0 || cols < 0 || static_cast<std::uint64_t>(cols) % block != 0)
+    throw shape_error(detail::cat("quantized_matrix::from_ggml: a ", detail::shape_str(rows, cols), " ",
+                                  io::ggml_type_name(type), " weight needs rows of a multiple of ", block,
+                                  " values, got ", cols));
+  quantized_matrix q;
+  q.m_type = *it;
+  q.m_rows = rows;
+  q.m_cols = cols;
+  const auto size = static_cast<std::size_t>(io::ggml_row_bytes(type, static_cast<std::uint64_t>(cols))) *
+                    static_cast<std::size_t>(rows);
+  q.m_bytes.assign(bytes, bytes + size);
+  return q;
+}
+
+inline const std::vector<std::uint8_t>& quantized_matrix::ggml_bytes() const {
+  if (!detail::is_ggml_row_format(m_type))
+    throw dtype_error(detail::cat("quantized_matrix::ggml_bytes: ", qtype_name(m_type),
+                                  " is no ggml format (f32, bf16, f16, q8_0 and q4_0 are)"));
+  return m_bytes;
 }
 
 inline std::size_t quantized_matrix::storage_bytes() const noexcept {
