@@ -487,7 +487,7 @@ const char* kFinetuneUsage =
     "  --rslora             scaling alpha / sqrt(r)\n"
     "  --base-dtype D       store the frozen projections as f32 (default), bf16, f16, int8 (per row),\n"
     "                       nf4, nf4_dq (QLoRA's NF4, double-quantized), q8_0 or q4_0 (ggml's): the\n"
-    "                       adapters train over the quantized base (LoRA and norms_and_head); keep: a GGUF\n"
+    "                       adapters train over the quantized base (--method lora); keep: a GGUF\n"
     "                       base's own types (F16, BF16, Q8_0, Q4_0 blocks used as they are; f32 for a folder)\n"
     "  --adapter DIR        continue training this PEFT adapter (e.g. one converted from llama.cpp with\n"
     "                       lora-gguf to-peft): its rank, alpha, targets and rsLoRA come from the folder,\n"
@@ -535,12 +535,12 @@ void parse_finetune(const std::vector<std::string>& args, finetune_options& o) {
   if (o.out.empty()) f.fail("--out DIR is required");
   if (o.spec.m == method::none) f.fail("--method none trains nothing");
   if (o.spec.dropout >= 1) f.fail("--dropout must be below 1");
-  if (o.spec.base != lora::quant::qtype::f32 && o.spec.m == method::full)
+  // full and norms_and_head save a whole model folder, which needs the projections in float.
+  if (o.spec.base != lora::quant::qtype::f32 && o.spec.m != method::lora)
     f.fail(ex::cat("--base-dtype ", lora::quant::qtype_name(o.spec.base),
-                   " keeps the projections frozen in fewer bits: it needs --method lora or norms_and_head"));
-  if (o.keep_base && o.spec.m == method::full)
-    f.fail(
-        "--base-dtype keep keeps the projections frozen in the file's types: it needs --method lora or norms_and_head");
+                   " keeps the projections frozen in fewer bits: it needs --method lora"));
+  if (o.keep_base && o.spec.m != method::lora && lora::io::is_gguf_file(o.model_dir))
+    f.fail("--base-dtype keep keeps the projections frozen in the file's types: it needs --method lora");
   if (!o.init_adapter.empty()) {
     if (o.spec.m != method::lora) f.fail("--adapter continues a LoRA adapter: it needs --method lora");
     for (const char* flag : {"--rank", "--alpha", "--targets", "--rslora", "--dropout"})
