@@ -14,8 +14,12 @@
 // averaged over the timed steps. Threads: OpenBLAS reads OPENBLAS_NUM_THREADS when the program loads (1 unless set);
 // scripts/bench_gpt2.sh sets it.
 //
+// --base-dtype D stores the projections as D (nf4, q4_0, int8 ...: gpt2::set_base_storage, their float tensors
+// released) before the adapters are added; the run then also reports the peak RSS of the steps alone
+// ("train peak": VmHWM reset after setup), since construction held the float weights first.
+//
 // Usage: bench_gpt2_step [--ctx 256] [--batch 4] [--steps 10] [--warmup 2] [--full] [--rank 8] [--layers 12]
-//                        [--no-profile] [--json OUT]
+//                        [--base-dtype f32] [--no-profile] [--json OUT]
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -43,12 +47,13 @@ struct options {
   int steps = 10, warmup = 2;
   bool full = false, profile = true;
   std::string json;
+  lora::quant::qtype storage = lora::quant::qtype::f32;
 };
 
 [[noreturn]] void usage(const std::string& bad) {
   std::cerr << "bench_gpt2_step: unknown or incomplete argument '" << bad
             << "'\nusage: bench_gpt2_step [--ctx N] [--batch N] [--steps N] [--warmup N] [--full] [--rank N] "
-               "[--layers N] [--no-profile] [--json OUT]\n";
+               "[--layers N] [--base-dtype D] [--no-profile] [--json OUT]\n";
   std::exit(2);
 }
 
@@ -74,6 +79,12 @@ options parse(int argc, char** argv) {
       o.layers = std::stol(value());
     else if (a == "--json")
       o.json = value();
+    else if (a == "--base-dtype")
+      try {
+        o.storage = lora::quant::parse_qtype(value());
+      } catch (const lora::error&) {
+        usage(a);
+      }
     else if (a == "--full")
       o.full = true;
     else if (a == "--no-profile")
@@ -98,6 +109,16 @@ double peak_rss_mib() {
   return static_cast<double>(u.ru_maxrss) / 1024.0;
 }
 
+/// The resident set's high-water mark in MiB (VmHWM, which reset_peak() lowers to the current RSS).
+double hwm_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::atof(line.c_str() + 6) / 1024.0;  // kB
+  return 0;
+}
+void reset_peak() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
 /// batch·ctx ids uniform in [0, vocab).
 std::vector<std::int32_t> random_ids(lora::index count, lora::index vocab, std::uint64_t seed) {
   lora::rng gen(seed);
@@ -116,12 +137,14 @@ std::string json_number(double x) {
 struct result {
   double load_avg_start = -1;  ///< The machine's 1-minute load average before the first step (-1: unknown).
   double step_median_s = 0, step_min_s = 0, tokens_per_s = 0, peak_rss_mib = 0;
+  double train_peak_rss_mib = 0;  ///< VmHWM after a reset once the model was set up: the steps' own peak
   lora::index trainable = 0;
   std::vector<std::pair<std::string, double>> breakdown_ms;  ///< ms per step, averaged over the timed steps
 };
 
 /// GPT-2 with random frozen weights and either LoRA on the four projections or full fine-tuning.
 void configure(lora::models::gpt2<float>& model, const options& o) {
+  model.set_base_storage(o.storage);
   if (o.full) {
     model.set_base_training(lora::models::gpt2_base_training::full);
   } else {
@@ -144,6 +167,7 @@ result run(lora::models::gpt2<float>& model, const options& o) {
   double load[1];
   if (getloadavg(load, 1) == 1) res.load_avg_start = load[0];
 
+  reset_peak();
   const lora::index vocab = model.config().vocab_size;
   const auto tokens = random_ids(o.batch * o.ctx, vocab, 2), targets = random_ids(o.batch * o.ctx, vocab, 3);
   double t_opt = 0.0;
@@ -161,6 +185,7 @@ result run(lora::models::gpt2<float>& model, const options& o) {
   res.step_min_s = *std::min_element(times.begin(), times.end());
   res.tokens_per_s = static_cast<double>(o.batch * o.ctx) / res.step_median_s;
   res.peak_rss_mib = peak_rss_mib();
+  res.train_peak_rss_mib = hwm_mib();
   if (o.profile) {
     const auto& p = model.profile();
     const double k = 1e3 / o.steps;  // the profile sums the timed steps
@@ -186,7 +211,9 @@ bool write_json(const std::string& path, const options& o, const result& r) {
     << ",\n  \"warmup\": " << o.warmup << ",\n  \"steps\": " << o.steps << ",\n  \"trainable_params\": " << r.trainable
     << ",\n  \"step_s_median\": " << json_number(r.step_median_s)
     << ",\n  \"step_s_min\": " << json_number(r.step_min_s) << ",\n  \"tokens_per_s\": " << json_number(r.tokens_per_s)
-    << ",\n  \"peak_rss_mib\": " << json_number(r.peak_rss_mib)
+    << ",\n  \"peak_rss_mib\": " << json_number(r.peak_rss_mib) << ",\n  \"base_dtype\": \""
+    << lora::quant::qtype_name(o.storage) << "\""
+    << ",\n  \"train_peak_rss_mib\": " << json_number(r.train_peak_rss_mib)
     << ",\n  \"load_avg_start\": " << json_number(r.load_avg_start);
   if (!r.breakdown_ms.empty()) {
     f << ",\n  \"breakdown_ms\": {";
@@ -211,10 +238,11 @@ int main(int argc, char** argv) {
   configure(model, o);
   const result r = run(model, o);
   std::printf(
-      "ours %s: threads %d, ctx %ld, batch %ld: step %.0f ms (median of %d), %.1f tokens/s, peak RSS %.2f GiB, "
-      "%ld trainable parameters\n",
-      o.full ? "full" : "lora", threads(), static_cast<long>(o.ctx), static_cast<long>(o.batch), 1e3 * r.step_median_s,
-      o.steps, r.tokens_per_s, r.peak_rss_mib / 1024.0, static_cast<long>(r.trainable));
+      "ours %s over %s: threads %d, ctx %ld, batch %ld: step %.0f ms (median of %d), %.1f tokens/s, peak RSS %.2f "
+      "GiB (steps alone %.2f GiB), %ld trainable parameters\n",
+      o.full ? "full" : "lora", lora::quant::qtype_name(o.storage), threads(), static_cast<long>(o.ctx),
+      static_cast<long>(o.batch), 1e3 * r.step_median_s, o.steps, r.tokens_per_s, r.peak_rss_mib / 1024.0,
+      r.train_peak_rss_mib / 1024.0, static_cast<long>(r.trainable));
   for (const auto& [name, ms] : r.breakdown_ms) std::printf("  %-34s %8.1f ms\n", name.c_str(), ms);
   if (!o.json.empty() && !write_json(o.json, o, r)) {
     std::cerr << "bench_gpt2_step: could not write " << o.json << "\n";

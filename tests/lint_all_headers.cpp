@@ -9,6 +9,7 @@
 #include <lora/detail/input_cache.hpp>
 #include <lora/detail/layer_checks.hpp>
 #include <lora/detail/linear_core.hpp>
+#include <lora/detail/linear_quant.hpp>
 #include <lora/detail/parallel.hpp>
 #include <lora/detail/row_blocks.hpp>
 #include <lora/dora.hpp>
@@ -72,5 +73,4 @@
 #include <lora/quant/nf4.hpp>
 #include <lora/quant/quantized_matrix.hpp>
 #include <lora/quant/requant_error.hpp>
-#include <lora/detail/linear_quant.hpp>
 #include <lora/random.hpp>
