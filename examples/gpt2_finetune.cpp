@@ -1113,7 +1113,11 @@ study_row run_method(const ex::base_model& base, const method_spec& ms, const sh
     if (s == 0) row.curve = r.outcome.curve;
     if (ms.m == method::lora) {
       const std::string dir =
-          (fs::path(o.out) / "adapters" / shift / ex::cat("lora_r", ms.rank, "_seed", o.seeds[s])).string();
+          (fs::path(o.out) / "adapters" / shift /
+           ex::cat("lora_r", ms.rank,
+                   ms.base == lora::quant::qtype::f32 ? "" : ex::cat("_", lora::quant::qtype_name(ms.base)), "_seed",
+                   o.seeds[s]))
+              .string();
       json c = check_adapter(r, base, d, dir);
       c["seed"] = o.seeds[s];
       st.checks_ok = st.checks_ok && c["ok"].get<bool>();

@@ -626,11 +626,12 @@ void linear<Scalar>::run_infer(const detail::input_cache<Scalar>& view, Eigen::R
       if (ws.buffer.size() < need) ws.buffer.resize(need);
       Eigen::Map<matrix_type> h(ws.buffer.data(), x.rows(), a.rank());
       h.noalias() = x * a.m_a.transpose();
+      h *= a.m_scaling;  // s H in place: (s H) Bᵀ as an expression copies a row into a temporary when n = 1
       if (a.is_dora()) {
         const matrix_type g_b = gains[next_gain++].asDiagonal() * a.m_b;
-        y.noalias() += (a.m_scaling * h) * g_b.transpose();
+        y.noalias() += h * g_b.transpose();
       } else {
-        y.noalias() += (a.m_scaling * h) * a.m_b.transpose();
+        y.noalias() += h * a.m_b.transpose();
       }
     }
   });
