@@ -6,7 +6,7 @@
 # and two PEFT adapters (lora/: r 4; half/: r 8, rsLoRA). The first 32 bytes of TEXT are the prompt; 32
 # greedy tokens follow (32 + 31 positions fit the base's 128).
 # Modes:
-#   model    base exported as F32: max |delta log p| <= 1e-3 and the greedy tokens all agree
+#   model    base exported as F32: max |delta log p| <= 2.5e-3 and the greedy tokens all agree
 #   adapter  one adapter (lora, scale 1): the same; and llama.cpp without the adapter must fail the
 #            check (the adapter changes the predictions by more than the tolerance, so a wrongly
 #            exported adapter can be seen)
@@ -26,15 +26,20 @@ endif()
 file(REMOVE_RECURSE "${WORK}")
 file(MAKE_DIRECTORY "${WORK}")
 set(prompt --tokens-from "${TEXT}" --count 32 --greedy 32)
-# F32: measured max |delta log p| 7.6e-4 on the fixture. Nearly all of it is llama.cpp's GELU, which its CPU
-# backend reads from a table of fp16 values indexed by fp16(x): with our GELU rounded the same way (a
-# throwaway build of lora_llama_reference) the difference falls to 2.4e-5.
-set(tol 1e-3)
+# F32: measured max |delta log p| 7.6e-4 on the fixture, and 1.1e-3 with an adapter on a fixture trained
+# with the base's tensors read in place from the file instead of copied (a different float summation
+# order, so slightly different weights). Nearly all of it is llama.cpp's GELU, which its CPU backend reads
+# from a table of fp16 values indexed by fp16(x): with our GELU rounded the same way (a throwaway build of
+# lora_llama_reference) the difference falls to 2.4e-5. How large the table's error comes out depends on
+# the trained weights, so the tolerance leaves 2.3x room over the largest seen; the must-fail checks below
+# give 2.0 and more.
+set(tol 2.5e-3)
 # Quantized exports. llama.cpp's CPU matmuls with Q8_0 or Q4_0 weights also round the activations they
 # multiply to Q8_0 blocks, which ours never does, so even the same (dequantized) weights do not give the
 # same log-probabilities. Measured on the fixture's base (make_fixture.cmake), max |delta log p| over the
-# prompt and the greedy steps: Q8_0 6.0e-2 against ours in F32, 4.3e-2 against ours on the dequantized
-# Q8_0 weights, Q4_0 3.6e-2 against ours on the dequantized Q4_0 weights (0.50 against F32). The
+# prompt and the greedy steps: Q8_0 5.4e-2 against ours in F32, 3.6e-2 against ours on the dequantized
+# Q8_0 weights, Q4_0 3.3e-2 against ours on the dequantized Q4_0 weights (6.0e-2, 4.3e-2 and 3.6e-2 on an
+# earlier build of the fixture; 0.50 against F32). The
 # tolerances leave 2.3-2.5x room and stay well below what a wrong file gives: every Q8_0 scale 2% too
 # large gives 0.22, 5% 0.55, 10% 1.1 (measured by editing the exported file); a wrong layout gives more.
 set(Q8_TOL 0.15)
