@@ -984,30 +984,25 @@ json check_adapter(const trained& run, const ex::base_model& base, const shift_d
   const lora::matrix<float> merged = ex::first_window_logits(*fresh, d.test);
   const double logit_rel = static_cast<double>((merged - unmerged).cwiseAbs().maxCoeff()) /
                            std::max(1e-30, static_cast<double>(unmerged.cwiseAbs().maxCoeff()));
+  json out = {{"path", dir},
+              {"modules", loaded.modules.size()},
+              {"trained_nats", trained_nats},
+              {"reloaded_nats", reloaded_nats},
+              {"merged_nats", merged_nats},
+              {"merged_logit_max_rel_diff", logit_rel}};
   if (storage != lora::quant::qtype::f32) {
     lora::quant::requant_error worst;
     for (const auto& [path, layer] : fresh->named_layers()) worst.absorb(layer->merge_error());
     fresh->unmerge();
     const double unmerged_nats = ex::evaluate(*fresh, base.tok, d.test, windows).nats;
-    return {{"path", dir},
-            {"modules", loaded.modules.size()},
-            {"trained_nats", trained_nats},
-            {"reloaded_nats", reloaded_nats},
-            {"merged_nats", merged_nats},
-            {"merged_logit_max_rel_diff", logit_rel},
-            {"merge_rel_rms_output_worst_layer", worst.rel_rms_output},
-            {"unmerged_nats", unmerged_nats},
-            {"ok", reloaded_nats == trained_nats && unmerged_nats == reloaded_nats}};
+    out["merge_rel_rms_output_worst_layer"] = worst.rel_rms_output;
+    out["unmerged_nats"] = unmerged_nats;
+    out["ok"] = reloaded_nats == trained_nats && unmerged_nats == reloaded_nats;
+    return out;
   }
-  const bool ok = reloaded_nats == trained_nats && logit_rel <= 1e-4 &&
-                  std::abs(merged_nats - reloaded_nats) <= 1e-4 * std::abs(reloaded_nats);
-  return {{"path", dir},
-          {"modules", loaded.modules.size()},
-          {"trained_nats", trained_nats},
-          {"reloaded_nats", reloaded_nats},
-          {"merged_nats", merged_nats},
-          {"merged_logit_max_rel_diff", logit_rel},
-          {"ok", ok}};
+  out["ok"] = reloaded_nats == trained_nats && logit_rel <= 1e-4 &&
+              std::abs(merged_nats - reloaded_nats) <= 1e-4 * std::abs(reloaded_nats);
+  return out;
 }
 
 /// Mean and sample standard deviation (NaN for fewer than two values).

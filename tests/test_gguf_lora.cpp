@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "file_support.hpp"
+#include "requant_support.hpp"
 #include "support.hpp"
 
 namespace {
@@ -82,40 +83,8 @@ std::map<std::string, lora::matrix<double>> deltas(const std::vector<io::gguf_lo
 
 /// E = stored − exact (out x in) by explicit loops: max |E|, RMS E, RMS E / RMS W*, and the relative RMS of
 /// X Eᵀ with X = quant::probe_batch(p, in); sums kept for pooling by hand.
-struct hand_error {
-  double max_weight = 0, rms_weight = 0, rel_rms_weight = 0, rel_rms_output = 0;
-  double sum_e2 = 0, sum_w2 = 0, count = 0;
-};
-
-hand_error by_hand(const lora::matrix<double>& exact, const lora::matrix<double>& stored, lora::index p) {
-  hand_error h;
-  for (lora::index i = 0; i < exact.rows(); ++i) {
-    for (lora::index j = 0; j < exact.cols(); ++j) {
-      const double e = stored(i, j) - exact(i, j);
-      h.max_weight = std::max(h.max_weight, std::abs(e));
-      h.sum_e2 += e * e;
-      h.sum_w2 += exact(i, j) * exact(i, j);
-    }
-  }
-  h.count = static_cast<double>(exact.size());
-  h.rms_weight = std::sqrt(h.sum_e2 / h.count);
-  h.rel_rms_weight = std::sqrt(h.sum_e2 / h.sum_w2);
-  const lora::matrix<double> x = lora::quant::probe_batch(p, exact.cols());
-  double out2 = 0, ref2 = 0;
-  for (lora::index n = 0; n < p; ++n) {
-    for (lora::index i = 0; i < exact.rows(); ++i) {
-      double y = 0, ref = 0;
-      for (lora::index j = 0; j < exact.cols(); ++j) {
-        y += x(n, j) * (stored(i, j) - exact(i, j));
-        ref += x(n, j) * exact(i, j);
-      }
-      out2 += y * y;
-      ref2 += ref * ref;
-    }
-  }
-  h.rel_rms_output = std::sqrt(out2 / ref2);
-  return h;
-}
+using lora_test::by_hand;
+using lora_test::hand_error;
 
 void expect_figures(const lora::quant::requant_error& got, const hand_error& want, const std::string& what) {
   EXPECT_NEAR(got.max_weight, want.max_weight, 1e-12 * want.max_weight) << what;

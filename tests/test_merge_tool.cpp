@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "file_support.hpp"
+#include "requant_support.hpp"
 #include "support.hpp"
 
 namespace {
@@ -61,37 +62,8 @@ io::peft_module module(const std::string& path, lora::index r, lora::index in, l
 
 /// E = stored − exact (out x in) by explicit loops: max |E|, RMS E / RMS W* and the relative RMS of X Eᵀ
 /// with X = quant::probe_batch(p, in).
-struct hand_error {
-  double max_weight = 0, rel_rms_weight = 0, rel_rms_output = 0, sum_e2 = 0, sum_w2 = 0;
-};
-
-hand_error by_hand(const mat& exact, const mat& stored, lora::index p) {
-  hand_error h;
-  for (lora::index i = 0; i < exact.rows(); ++i) {
-    for (lora::index j = 0; j < exact.cols(); ++j) {
-      const double e = stored(i, j) - exact(i, j);
-      h.max_weight = std::max(h.max_weight, std::abs(e));
-      h.sum_e2 += e * e;
-      h.sum_w2 += exact(i, j) * exact(i, j);
-    }
-  }
-  h.rel_rms_weight = std::sqrt(h.sum_e2 / h.sum_w2);
-  const mat x = lora::quant::probe_batch(p, exact.cols());
-  double out2 = 0, ref2 = 0;
-  for (lora::index n = 0; n < p; ++n) {
-    for (lora::index i = 0; i < exact.rows(); ++i) {
-      double y = 0, ref = 0;
-      for (lora::index j = 0; j < exact.cols(); ++j) {
-        y += x(n, j) * (stored(i, j) - exact(i, j));
-        ref += x(n, j) * exact(i, j);
-      }
-      out2 += y * y;
-      ref2 += ref * ref;
-    }
-  }
-  h.rel_rms_output = p > 0 ? std::sqrt(out2 / ref2) : 0.0;
-  return h;
-}
+using lora_test::by_hand;
+using lora_test::hand_error;
 
 const std::string base_name = "base.safetensors";
 
