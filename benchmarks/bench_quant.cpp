@@ -4,6 +4,11 @@
 //  bm_forward   Y = X deq(W)ᵀ (inference, and the first product of a training step) against Y = X Wᵀ
 //  bm_backward  dX += dY deq(W) (what the layers below need in training) against dX += dY W
 //  bm_step      a lora::linear training step (forward, backward with dX; r = 16) over deq(W) against W
+//  bm_decode    one input row through a stack of layers whose float32 weights total 256 MiB (64 layers at
+//               d 1024, 4 at d 4096), as a decoding step passes through a model: every weight is read
+//               once per pass and no stack fits this machine's caches (NF4: 36 MiB), so the pass is
+//               memory-bound. bm_forward at n = 1 repeats one d x d weight instead, which stays in the L3
+//               cache between calls at d 1024 (4 MiB as float32).
 //
 // Arguments: d = in = out, n = rows per call (1 = a decode step, 512 = a training micro-batch), and the
 // storage (0 bf16, 1 int8, 2 q8_0, 3 q4_0, 4 nf4, 5 nf4_dq). Counters: base_us (float32), quant_over_f32,
@@ -13,6 +18,7 @@
 // benchmarks/results/bench_quant_1thread.json and bench_quant_2threads.json.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <lora/linear.hpp>
 #include <lora/quant/quantized_matrix.hpp>
 #include <vector>
@@ -95,6 +101,32 @@ void bm_step(benchmark::State& st) {
   report(st, t_base, t_quant, quant.quantized_weight());
 }
 
+void bm_decode(benchmark::State& st) {
+  const lora::index d = st.range(0);
+  const lora::index layers = std::max<lora::index>(1, (lora::index{256} << 20) / (d * d * 4));
+  std::vector<mat> w;
+  std::vector<lora::quant::quantized_matrix> q;
+  for (lora::index l = 0; l < layers; ++l) {
+    w.push_back(random(d, d, 100 + static_cast<std::uint64_t>(l)) * 0.02f);
+    q.push_back(lora::quant::quantized_matrix::quantize(w.back(), storages[st.range(1)]));
+  }
+  const mat x = random(1, d, 8);
+  lora::quant::qgemm_workspace<float> ws;
+  mat y(1, d);
+  std::vector<double> t_base, t_quant;
+  for (auto _ : st) {
+    t_base.push_back(seconds([&] {
+      for (const auto& wl : w) y.noalias() = x * wl.transpose();
+    }));
+    t_quant.push_back(seconds([&] {
+      for (const auto& ql : q) lora::quant::qgemm_forward<float>(x, ql, y, ws);
+    }));
+    benchmark::DoNotOptimize(y.data());
+  }
+  report(st, t_base, t_quant, q.front());
+  st.counters["layers"] = static_cast<double>(layers);
+}
+
 BENCHMARK(bm_forward)
     ->ArgNames({"d", "n", "storage"})
     ->ArgsProduct({{1024, 4096}, {1, 8, 64, 512}, {0, 1, 2, 3, 4, 5}})
@@ -111,6 +143,12 @@ BENCHMARK(bm_step)
     ->ArgsProduct({{1024, 4096}, {8, 64, 512}, {0, 1, 2, 3, 4, 5}})
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(0.2);
+
+BENCHMARK(bm_decode)
+    ->ArgNames({"d", "storage"})
+    ->ArgsProduct({{1024, 4096}, {0, 1, 2, 3, 4, 5}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.5);
 
 }  // namespace
 

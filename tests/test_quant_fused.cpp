@@ -148,3 +148,20 @@ TEST(QuantFused, RowsOfPartialBlocksAreLeftToThePanels) {
 }
 
 }  // namespace
+
+// The panels' rows (dequantize_rows<float>, decoded in registers where the kernels are compiled in) equal
+// the scalar decoders' values bit for bit (dequantize<double> decodes each row with them, then widens),
+// for whole matrices and for row ranges that start inside.
+TEST(QuantFused, DecodedRowsEqualTheScalarDecodersBitForBit) {
+  const rm_matrix w = normal_matrix(13, 192, 21, 0.05f);
+  for (const q::qtype t : every_storage) {
+    const auto qm = q::quantized_matrix::quantize(w, t);
+    const Eigen::MatrixXf scalar = qm.dequantize<double>().cast<float>();
+    rm_matrix rows(13, 192);
+    qm.dequantize_rows(0, 13, rows.data());
+    EXPECT_TRUE((rows.array() == scalar.array()).all()) << q::qtype_name(t);
+    rm_matrix part(5, 192);
+    qm.dequantize_rows(7, 12, part.data());
+    EXPECT_TRUE((part.array() == scalar.middleRows(7, 5).array()).all()) << q::qtype_name(t) << " rows 7..12";
+  }
+}

@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../config.hpp"
@@ -113,7 +114,8 @@ inline void lut16_decode32(const lut16& t, __m256i codes, __m256* out) noexcept 
 }
 
 /// Formats: block elements a scale, `vectors` = block / 8 registers; decode(r, b, w) fills w with block b
-/// of row r (element elem(k, t) of the block in slot t of w[k]); scale(r, b) its scale.
+/// of row r (element elem(k, t) of the block in slot t of w[k]); scale(r, b) its scale; at(r, b) the
+/// block's first byte (for prefetching).
 
 /// NF4, blocks of 64 (32 bytes, element 2j in the high nibble of byte j) with float32 absmax.
 struct nf4_format {
@@ -130,6 +132,7 @@ struct nf4_format {
     lut16_decode32(lut, _mm256_and_si256(v, m), w + 4);                    // odd elements
   }
   float scale(index r, index b) const noexcept { return absmax[r * blocks_per_row + b]; }
+  const void* at(index r, index b) const noexcept { return packed + (r * blocks_per_row + b) * 32; }
 };
 
 /// NF4 with double quantization: absmax of block i = map[codes[i]] · absmax2[i / 256] + offset.
@@ -156,6 +159,7 @@ struct q8_0_format {
     for (int k = 0; k < 4; ++k) w[k] = i8_decode8(p + 8 * k);
   }
   float scale(index r, index b) const noexcept { return half_to_float(bytes + r * row_bytes + b * 34); }
+  const void* at(index r, index b) const noexcept { return bytes + r * row_bytes + b * 34; }
 };
 
 struct int8_format {
@@ -169,6 +173,7 @@ struct int8_format {
     for (int k = 0; k < 4; ++k) w[k] = i8_decode8(bytes + r * cols + b * 32 + 8 * k);
   }
   float scale(index r, index) const noexcept { return row_scale[r]; }
+  const void* at(index r, index b) const noexcept { return bytes + r * cols + b * 32; }
 };
 
 /// ggml's Q4_0: 18-byte blocks of 32 (f16 scale d; element i < 16 in the low nibble of byte i, element
@@ -190,6 +195,7 @@ struct q4_0_format {
     }
   }
   float scale(index r, index b) const noexcept { return half_to_float(bytes + r * row_bytes + b * 18); }
+  const void* at(index r, index b) const noexcept { return bytes + r * row_bytes + b * 18; }
 };
 
 /// f32, bf16 (the high half of a float32) and f16 (F16C) rows, read as blocks of 32 with scale 1.
@@ -202,6 +208,7 @@ struct row_format {
 };
 
 struct f32_format : row_format {
+  const void* at(index r, index b) const noexcept { return bytes + 4 * (r * cols + b * 32); }
   void decode(index r, index b, __m256* w) const noexcept {
     const float* p = reinterpret_cast<const float*>(bytes) + r * cols + b * 32;
     LORA_QUANT_UNROLL
@@ -210,6 +217,7 @@ struct f32_format : row_format {
 };
 
 struct bf16_format : row_format {
+  const void* at(index r, index b) const noexcept { return bytes + 2 * (r * cols + b * 32); }
   void decode(index r, index b, __m256* w) const noexcept {
     const std::uint8_t* p = bytes + 2 * (r * cols + b * 32);
     LORA_QUANT_UNROLL
@@ -222,6 +230,7 @@ struct bf16_format : row_format {
 
 #if defined(__F16C__)
 struct f16_format : row_format {
+  const void* at(index r, index b) const noexcept { return bytes + 2 * (r * cols + b * 32); }
   void decode(index r, index b, __m256* w) const noexcept {
     const std::uint8_t* p = bytes + 2 * (r * cols + b * 32);
     LORA_QUANT_UNROLL
@@ -232,9 +241,13 @@ struct f16_format : row_format {
 
 // ------------------------------------------------------------------------------------------------
 
-/// Rows [r0, r0 + R) of the product for N inputs (xp: permuted per block, see permute_x).
+/// Rows [r0, r0 + R) of the product for N inputs (xp: permuted per block, see permute_x). While it reads
+/// block b of its rows it prefetches block b of the next R rows (clamped to `last`, the range's last row):
+/// one pass over a stored row is too short for the hardware's stream prefetchers to ramp up (at d 1024,
+/// 512 bytes of NF4), and decoding from memory without this ran at half the speed of decoding from cache.
 template <int N, int R, typename Format>
-void fused_group(const Format& f, index r0, index blocks, const float* const* xp, float* const* y) noexcept {
+void fused_group(const Format& f, index r0, index last, index blocks, const float* const* xp,
+                 float* const* y) noexcept {
   constexpr int V = Format::vectors;
   __m256 tot[R][N];
   LORA_QUANT_UNROLL
@@ -242,6 +255,9 @@ void fused_group(const Format& f, index r0, index blocks, const float* const* xp
   for (int j = 0; j < N; ++j) tot[i][j] = _mm256_setzero_ps();
   for (index b = 0; b < blocks; ++b) {
     const index c = b * Format::block;
+    LORA_QUANT_UNROLL
+    for (int i = 0; i < R; ++i)
+      _mm_prefetch(static_cast<const char*>(f.at(std::min(r0 + R + i, last), b)), _MM_HINT_T0);
     LORA_QUANT_UNROLL
     for (int i = 0; i < R; ++i) {
       __m256 w[V];
@@ -270,8 +286,8 @@ template <int N, typename Format>
 void fused_range(const Format& f, index r0, index r1, index blocks, const float* const* xp, float* const* y) noexcept {
   constexpr int R = N == 1 ? 4 : N == 2 ? 2 : 1;  // R · N independent accumulators, within 16 registers
   index r = r0;
-  for (; r + R <= r1; r += R) fused_group<N, R>(f, r, blocks, xp, y);
-  for (; r < r1; ++r) fused_group<N, 1>(f, r, blocks, xp, y);
+  for (; r + R <= r1; r += R) fused_group<N, R>(f, r, r1 - 1, blocks, xp, y);
+  for (; r < r1; ++r) fused_group<N, 1>(f, r, r1 - 1, blocks, xp, y);
 }
 
 /// x (cols floats) into out with each block permuted as the format's registers hold it.
@@ -310,6 +326,43 @@ void fused_forward_rows(const Format& f, int n, index rows, index cols, const fl
     }
   });
 }
+
+/// Rows [r0, r1) of deq(W) in their natural column order into out (row-major, blocks · block values a
+/// row): each block decoded in registers, scaled, and stored (NF4's even and odd elements interleaved back
+/// by unpacks; the other formats' registers each hold 8 consecutive elements). The products of the panels
+/// (quant/quantized_matrix.hpp) read these rows; the values equal the scalar decoders' exactly (one float32
+/// product code · scale each).
+template <typename Format>
+void decode_rows(const Format& f, index r0, index r1, index blocks, float* out) noexcept {
+  constexpr int V = Format::vectors, B = Format::block;
+  for (index r = r0; r < r1; ++r) {
+    float* row = out + (r - r0) * blocks * B;
+    for (index b = 0; b < blocks; ++b) {
+      __m256 w[V];
+      f.decode(r, b, w);
+      const __m256 s = _mm256_set1_ps(f.scale(r, b));
+      float* o = row + b * B;
+      if constexpr (std::is_base_of_v<nf4_format, Format>) {
+        // w[k] holds elements 2·lut16_pos(k, t) and w[k + 4] the odd ones after them: interleaving them
+        // gives elements 8k..8k+7 (low lanes) and 32+8k..32+8k+7 (high lanes).
+        LORA_QUANT_UNROLL
+        for (int k = 0; k < 4; ++k) {
+          const __m256 e = _mm256_mul_ps(w[k], s), od = _mm256_mul_ps(w[k + 4], s);
+          const __m256 lo = _mm256_unpacklo_ps(e, od), hi = _mm256_unpackhi_ps(e, od);
+          _mm256_storeu_ps(o + 8 * k, _mm256_permute2f128_ps(lo, hi, 0x20));
+          _mm256_storeu_ps(o + 32 + 8 * k, _mm256_permute2f128_ps(lo, hi, 0x31));
+        }
+      } else {
+        LORA_QUANT_UNROLL
+        for (int k = 0; k < V; ++k) _mm256_storeu_ps(o + Format::elem(k, 0), _mm256_mul_ps(w[k], s));
+      }
+    }
+  }
+}
+
+// Each register of the formats other than NF4 holds 8 consecutive elements (decode_rows relies on it).
+static_assert(q4_0_format::elem(1, 7) == q4_0_format::elem(1, 0) + 7 && q4_0_format::elem(2, 3) == 8 + 3);
+static_assert(nf4_format::elem(0, 1) == 2 && nf4_format::elem(4, 0) == 1 && nf4_format::elem(1, 4) == 40);
 
 #endif
 

@@ -88,6 +88,10 @@ class quantized_matrix {
  private:
   /// Row r decoded to float32 (cols values).
   void decode_row(index r, float* out) const;
+  /// fn(format) with the fused kernels' format of this storage (quant/fused.hpp), and true; false (fn not
+  /// called) where they do not apply (see fused_forward).
+  template <typename Fn>
+  bool with_fused_format(Fn&& fn) const;
 
   qtype m_type = qtype::f32;
   index m_rows = 0, m_cols = 0;
@@ -288,53 +292,67 @@ inline void quantized_matrix::decode_row(index r, float* out) const {
   }
 }
 
-inline bool quantized_matrix::fused_forward(int n, const float* const* x, float* const* y) const {
+template <typename Fn>
+bool quantized_matrix::with_fused_format(Fn&& fn) const {
 #if LORA_QUANT_FUSED
   const std::uint8_t* bytes = m_bytes.data();
-  const index rows = m_rows, cols = m_cols;
-  if (n < 1 || n > detail::fused_max_inputs || cols % 32 != 0) return false;
-  const auto run = [&](const auto& format) {
-    detail::fused_forward_rows(format, n, rows, cols, x, y);
-    return true;
-  };
+  const index cols = m_cols;
+  if (cols % 32 != 0) return false;
   switch (m_type) {
     case qtype::nf4:
     case qtype::nf4_dq: {
       if (m_nf4.block != 64 || cols % 64 != 0) return false;
       const detail::nf4_format f{m_nf4.packed.data(), m_nf4.absmax.data(), cols / 64,
                                  detail::make_lut16(nf4_code.data())};
-      if (m_type == qtype::nf4) return run(f);
-      return run(
-          detail::nf4_dq_format{f, m_dq.codes.data(), m_dq.absmax2.data(), nf4_dynamic_map().data(), m_dq.offset});
+      if (m_type == qtype::nf4) return fn(f), true;
+      return fn(detail::nf4_dq_format{f, m_dq.codes.data(), m_dq.absmax2.data(), nf4_dynamic_map().data(),
+                                      m_dq.offset}),
+             true;
     }
     case qtype::q8_0:
-      return run(detail::q8_0_format{bytes, cols / 32 * 34});
-    case qtype::q4_0: {
-      return run(detail::q4_0_format{bytes, cols / 32 * 18});
-    }
+      return fn(detail::q8_0_format{bytes, cols / 32 * 34}), true;
+    case qtype::q4_0:
+      return fn(detail::q4_0_format{bytes, cols / 32 * 18}), true;
     case qtype::int8:
-      return run(detail::int8_format{bytes, m_scales.data(), cols});
+      return fn(detail::int8_format{bytes, m_scales.data(), cols}), true;
     case qtype::f32:
-      return run(detail::f32_format{{bytes, cols}});
+      return fn(detail::f32_format{{bytes, cols}}), true;
     case qtype::bf16:
-      return run(detail::bf16_format{{bytes, cols}});
+      return fn(detail::bf16_format{{bytes, cols}}), true;
     case qtype::f16:
 #if defined(__F16C__)
-      return run(detail::f16_format{{bytes, cols}});
+      return fn(detail::f16_format{{bytes, cols}}), true;
 #else
       return false;
 #endif
   }
 #else
-  (void)n, (void)x, (void)y;
+  (void)fn;
 #endif
   return false;
+}
+
+inline bool quantized_matrix::fused_forward(int n, const float* const* x, float* const* y) const {
+  if (n < 1 || n > detail::fused_max_inputs) return false;
+#if LORA_QUANT_FUSED
+  return with_fused_format([&](const auto& format) { detail::fused_forward_rows(format, n, m_rows, m_cols, x, y); });
+#else
+  (void)x, (void)y;
+  return false;
+#endif
 }
 
 template <typename Scalar>
 void quantized_matrix::dequantize_rows(index r0, index r1, Scalar* out) const {
   LORA_ASSERT(0 <= r0 && r0 <= r1 && r1 <= m_rows);
   if constexpr (std::is_same_v<Scalar, float>) {
+#if LORA_QUANT_FUSED
+    if (with_fused_format([&](const auto& format) {
+          using format_t = std::decay_t<decltype(format)>;
+          detail::decode_rows(format, r0, r1, m_cols / format_t::block, out);
+        }))
+      return;
+#endif
     for (index r = r0; r < r1; ++r) decode_row(r, out + (r - r0) * m_cols);
   } else {
     std::vector<float> row(static_cast<std::size_t>(m_cols));
