@@ -35,6 +35,7 @@
 
 #include "accounting.hpp"
 #include "adapter.hpp"
+#include "adapter_routing.hpp"
 #include "config.hpp"
 #include "detail/layer_checks.hpp"
 #include "detail/row_blocks.hpp"
@@ -67,6 +68,7 @@ template <typename Scalar>
 struct conv2d_workspace {
   matrix<Scalar> xt, col, yp;
   inference_workspace<Scalar> linear;
+  adapter_routing pixels;  // a routed batch: each sample's routing repeated over its output pixels
 };
 
 namespace detail {
@@ -169,6 +171,11 @@ class conv2d : public layer_base<conv2d<Scalar_>, Scalar_> {
 
   template <typename Derived>
   void infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y, conv2d_workspace<Scalar>& ws) const;
+  /// Const inference of a batch whose images (rows of X) use different adapters (adapter_routing.hpp, one
+  /// entry per image): each group's rows of im2col(X) as linear::infer with the routing.
+  template <typename Derived>
+  void infer(const Eigen::MatrixBase<Derived>& x, const adapter_routing& routing, Eigen::Ref<matrix_type> y,
+             conv2d_workspace<Scalar>& ws) const;
 
  private:
   friend base_type;
@@ -448,8 +455,8 @@ void conv2d<Scalar>::convolve(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<ma
                               matrix_type& col, matrix_type& yp, Apply&& apply) const {
   detail::expect_same_scalar<Scalar, typename Derived::Scalar>();
   check_input(x.rows(), x.cols());
-  detail::expect_shape(where(), "output Y", x.rows(), out_features(), y.rows(), y.cols(),
-                       detail::cat(" (n x O Ho Wo = ", m_out, "*", m_geom.oh, "*", m_geom.ow, ")"));
+  detail::expect_shape([this] { return where(); }, "output Y", x.rows(), out_features(), y.rows(), y.cols(),
+                       [this] { return detail::cat(" (n x O Ho Wo = ", m_out, "*", m_geom.oh, "*", m_geom.ow, ")"); });
   unfold_input(x, xt, col);
   yp.resize(col.rows(), m_out);
   const index k = m_groups.front().in_features(), per = m_out / m_options.groups;
@@ -471,7 +478,7 @@ template <typename Scalar>
 template <typename Derived>
 void conv2d<Scalar>::backward(const Eigen::MatrixBase<Derived>& dy, Eigen::Ref<matrix_type> dx) {
   detail::expect_same_scalar<Scalar, typename Derived::Scalar>();
-  detail::expect_shape(where(), "dX", dy.rows(), in_features(), dx.rows(), dx.cols());
+  detail::expect_shape([this] { return where(); }, "dX", dy.rows(), in_features(), dx.rows(), dx.cols());
   run_backward(dy, &dx);
 }
 
@@ -484,8 +491,9 @@ void conv2d<Scalar>::backward_params_only(const Eigen::MatrixBase<Derived>& dy) 
 
 template <typename Scalar>
 void conv2d<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<matrix_type>* dx) {
-  detail::expect_forward_cache(where(), m_has_cache);
-  detail::expect_shape(where(), "dY", m_n, out_features(), dy.rows(), dy.cols(), " (the forward's n x O Ho Wo)");
+  detail::expect_forward_cache([this] { return where(); }, m_has_cache);
+  detail::expect_shape([this] { return where(); }, "dY", m_n, out_features(), dy.rows(), dy.cols(),
+                       " (the forward's n x O Ho Wo)");
   matrix_type& dyp = m_yp;  // Yp is no longer needed: reuse it for dYp (n Ho Wo x O)
   to_pixels(dy, dyp);
   const index k = m_groups.front().in_features(), per = m_out / m_options.groups;
@@ -513,6 +521,19 @@ void conv2d<Scalar>::infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matri
                            conv2d_workspace<Scalar>& ws) const {
   convolve(x, y, ws.xt, ws.col, ws.yp,
            [&](index g, const auto& col, auto yp) { m_groups[static_cast<std::size_t>(g)].infer(col, yp, ws.linear); });
+}
+
+template <typename Scalar>
+template <typename Derived>
+void conv2d<Scalar>::infer(const Eigen::MatrixBase<Derived>& x, const adapter_routing& routing,
+                           Eigen::Ref<matrix_type> y, conv2d_workspace<Scalar>& ws) const {
+  this->check_routing(routing, x.rows());
+  routing.repeat_rows(m_geom.pixels(), ws.pixels);  // rows of im2col(X): image i's pixels are rows i·pixels ...
+  convolve(x, y, ws.xt, ws.col, ws.yp, [&](index g, const auto& col, auto yp) {
+    detail::input_cache<Scalar> view;
+    view.bind(col);
+    m_groups[static_cast<std::size_t>(g)].run_infer_routed(view, ws.pixels, yp, ws.linear);
+  });
 }
 
 }  // namespace lora

@@ -33,6 +33,7 @@
 
 #include "accounting.hpp"
 #include "adapter.hpp"
+#include "adapter_routing.hpp"
 #include "config.hpp"
 #include "detail/layer_checks.hpp"
 #include "error.hpp"
@@ -105,6 +106,11 @@ class embedding : public layer_base<embedding<Scalar_>, Scalar_> {
   /// per thread.
   void infer(const id_list& ids, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const;
   matrix_type infer(const id_list& ids) const;
+  /// Const inference of a batch whose ids use different adapters (adapter_routing.hpp, one entry per id):
+  /// Y = E[ids] + for each routed adapter, s (A[:, ids[R]])ᵀ Bᵀ on its rows R only.
+  void infer(const id_list& ids, const adapter_routing& routing, Eigen::Ref<matrix_type> y,
+             inference_workspace<Scalar>& ws) const;
+  matrix_type infer(const id_list& ids, const adapter_routing& routing) const;
 
  private:
   friend base_type;
@@ -220,8 +226,8 @@ typename embedding<Scalar>::matrix_type embedding<Scalar>::forward(const id_list
 template <typename Scalar>
 void embedding<Scalar>::forward(const id_list& ids, Eigen::Ref<matrix_type> y) {
   check_ids(ids);
-  detail::expect_shape(where(), "output Y", static_cast<index>(ids.size()), embedding_dim(), y.rows(), y.cols(),
-                       " (n ids x embedding_dim)");
+  detail::expect_shape([this] { return where(); }, "output Y", static_cast<index>(ids.size()), embedding_dim(),
+                       y.rows(), y.cols(), " (n ids x embedding_dim)");
   m_table.invalidate_cache();
   m_ids = ids;
   lookup(*this, ids, y, [](adapter_type& a, index n, index r) -> matrix_type& {
@@ -241,9 +247,10 @@ void embedding<Scalar>::backward(const Eigen::MatrixBase<Derived>& dy) {
 
 template <typename Scalar>
 void embedding<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy) {
-  detail::expect_forward_cache(where(), m_has_cache);
+  detail::expect_forward_cache([this] { return where(); }, m_has_cache);
   const auto n = static_cast<index>(m_ids.size());
-  detail::expect_shape(where(), "dY", n, embedding_dim(), dy.rows(), dy.cols(), " (the forward's n x embedding_dim)");
+  detail::expect_shape([this] { return where(); }, "dY", n, embedding_dim(), dy.rows(), dy.cols(),
+                       " (the forward's n x embedding_dim)");
   for (adapter_type& a : m_table.m_adapters) {
     if (!a.m_in_cache) continue;
     const Scalar s = a.scaling();
@@ -265,8 +272,8 @@ void embedding<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy) {
 template <typename Scalar>
 void embedding<Scalar>::infer(const id_list& ids, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const {
   check_ids(ids);
-  detail::expect_shape(where(), "output Y", static_cast<index>(ids.size()), embedding_dim(), y.rows(), y.cols(),
-                       " (n ids x embedding_dim)");
+  detail::expect_shape([this] { return where(); }, "output Y", static_cast<index>(ids.size()), embedding_dim(),
+                       y.rows(), y.cols(), " (n ids x embedding_dim)");
   lookup(*this, ids, y, [&](const adapter_type&, index n, index r) {
     if (ws.buffer.size() < static_cast<std::size_t>(n * r)) ws.buffer.resize(static_cast<std::size_t>(n * r));
     return Eigen::Map<matrix_type>(ws.buffer.data(), n, r);
@@ -278,6 +285,32 @@ typename embedding<Scalar>::matrix_type embedding<Scalar>::infer(const id_list& 
   matrix_type y(static_cast<index>(ids.size()), embedding_dim());
   inference_workspace<Scalar> ws;
   infer(ids, y, ws);
+  return y;
+}
+
+template <typename Scalar>
+void embedding<Scalar>::infer(const id_list& ids, const adapter_routing& routing, Eigen::Ref<matrix_type> y,
+                              inference_workspace<Scalar>& ws) const {
+  check_ids(ids);
+  detail::expect_shape([this] { return where(); }, "output Y", static_cast<index>(ids.size()), embedding_dim(),
+                       y.rows(), y.cols(), " (n ids x embedding_dim)");
+  this->check_routing(routing, static_cast<index>(ids.size()));
+  const auto w = m_table.stored_weight();
+  const bool transposed = m_table.weight_is_transposed();
+  detail::gather_rows(w.data(), transposed ? 1 : w.outerStride(), transposed ? w.outerStride() : 1, ids, y);
+  if (m_table.core_disabled()) return;
+  m_table.add_routed_terms(routing, y, ws, [&](const adapter_type& a, const adapter_routing::group& g, auto& h) {
+    for (std::size_t k = 0; k < g.rows.size(); ++k)  // H = (A[:, ids[R]])ᵀ
+      h.row(static_cast<index>(k)) = a.a().col(ids[static_cast<std::size_t>(g.rows[k])]).transpose();
+  });
+}
+
+template <typename Scalar>
+typename embedding<Scalar>::matrix_type embedding<Scalar>::infer(const id_list& ids,
+                                                                 const adapter_routing& routing) const {
+  matrix_type y(static_cast<index>(ids.size()), embedding_dim());
+  inference_workspace<Scalar> ws;
+  infer(ids, routing, y, ws);
   return y;
 }
 

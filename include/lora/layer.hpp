@@ -31,6 +31,7 @@
 
 #include "accounting.hpp"
 #include "adapter.hpp"
+#include "adapter_routing.hpp"
 #include "config.hpp"
 #include "error.hpp"
 #include "parameter.hpp"
@@ -154,6 +155,15 @@ class layer_base {
   /// Const inference returning Y, with a workspace of its own.
   template <typename X>
   matrix_type infer(const Eigen::MatrixBase<X>& x) const;
+  /// Const inference of a batch whose rows use different adapters (adapter_routing.hpp), returning Y.
+  template <typename X>
+  matrix_type infer(const Eigen::MatrixBase<X>& x, const adapter_routing& routing) const;
+
+  /// Checks a routing before a layer serves it: rows() == `rows` (shape_error); every routed adapter
+  /// known to the layer (name_error, unless routing.missing() is missing_adapter::base) and not DoRA
+  /// (config_error: a DoRA adapter rescales the base output, which the rows share); no adapter merged
+  /// (state_error: W would hold it for every row). Layers call it; so may a model, once per batch.
+  void check_routing(const adapter_routing& routing, index rows) const;
 
  protected:
   layer_base() = default;
@@ -604,6 +614,40 @@ typename layer_base<Derived, Scalar>::matrix_type layer_base<Derived, Scalar>::i
   typename Derived::workspace_type ws;
   derived().infer(x, y, ws);
   return y;
+}
+
+template <typename Derived, typename Scalar>
+template <typename X>
+typename layer_base<Derived, Scalar>::matrix_type layer_base<Derived, Scalar>::infer(
+    const Eigen::MatrixBase<X>& x, const adapter_routing& routing) const {
+  matrix_type y(x.rows(), derived().out_features());
+  typename Derived::workspace_type ws;
+  derived().infer(x, routing, y, ws);
+  return y;
+}
+
+template <typename Derived, typename Scalar>
+void layer_base<Derived, Scalar>::check_routing(const adapter_routing& routing, index rows) const {
+  if (routing.rows() != rows)
+    throw shape_error(
+        detail::cat(derived().where(), ": the adapter routing covers ", routing.rows(), " rows, the batch has ", rows));
+  if (merged()) {
+    std::string names;
+    for (const auto& n : merged_adapters()) names += (names.empty() ? "'" : ", '") + n + "'";
+    throw state_error(derived().where() + ": a batch routed to adapters cannot run while adapters are merged (" +
+                      names + "): W holds them for every row; unmerge() first");
+  }
+  for (const auto& g : routing.groups()) {
+    const adapter_type* a = find(g.adapter);
+    if (a == nullptr) {
+      if (routing.missing() == missing_adapter::base) continue;
+      unknown(g.adapter);
+    }
+    if (a->is_dora())
+      throw config_error(derived().where() + ": adapter '" + g.adapter +
+                         "' is a DoRA adapter, which rescales the base output that a routed batch shares; "
+                         "run its rows in a batch of their own");
+  }
 }
 
 template <typename Derived, typename Scalar>

@@ -38,6 +38,7 @@
 
 #include "accounting.hpp"
 #include "adapter.hpp"
+#include "adapter_routing.hpp"
 #include "config.hpp"
 #include "detail/exact_merge.hpp"
 #include "detail/input_cache.hpp"
@@ -66,11 +67,16 @@ inline constexpr view_t view{};
 template <typename Scalar>
 struct inference_workspace {
   std::vector<Scalar> buffer;
-  quant::qgemm_workspace<Scalar> quant;  // a quantized weight's panels
+  quant::qgemm_workspace<Scalar> quant;   // a quantized weight's panels
+  std::vector<Scalar> rows_in, rows_out;  // a routed batch: one adapter's rows gathered, and their term
 };
 
 template <typename Scalar_>
 class embedding;
+template <typename Scalar_>
+class merged_linear;
+template <typename Scalar_>
+class conv2d;
 
 template <typename Scalar_>
 class linear : public layer_base<linear<Scalar_>, Scalar_> {
@@ -180,12 +186,21 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   /// many threads at once with one workspace each; allocates nothing once the workspace is warm.
   template <typename Derived>
   void infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const;
+  /// Const inference of a batch whose rows use different adapters (adapter_routing.hpp, docs/CONVENTIONS.md
+  /// §mixed): Y = X Wᵀ + b over every row, then each routed adapter's term s (X[R] Aᵀ) Bᵀ (times the rows'
+  /// scales) added to its rows R only. Row i equals infer() of row i alone with its adapter the only
+  /// active one. Checks: layer_base::check_routing. Allocates nothing once the workspace is warm.
+  template <typename Derived>
+  void infer(const Eigen::MatrixBase<Derived>& x, const adapter_routing& routing, Eigen::Ref<matrix_type> y,
+             inference_workspace<Scalar>& ws) const;
 
  private:
   friend base_type;
   template <typename, typename>
   friend class layer_base;
   friend class embedding<Scalar>;
+  friend class merged_linear<Scalar>;
+  friend class conv2d<Scalar>;
 
   // --- what layer_base asks of a layer (a linear is its own single part) ---------------------------
   linear& part(index) noexcept { return *this; }
@@ -260,6 +275,15 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   /// The inference forward once X is viewed.
   void run_infer(const detail::input_cache<Scalar>& x, Eigen::Ref<matrix_type> y,
                  inference_workspace<Scalar>& ws) const;
+  /// The routed inference once X is viewed and the routing checked; routed names this part lacks are
+  /// skipped (a multi-part layer checked them against its reference part).
+  void run_infer_routed(const detail::input_cache<Scalar>& x, const adapter_routing& routing, Eigen::Ref<matrix_type> y,
+                        inference_workspace<Scalar>& ws) const;
+  /// Adds each routed adapter's term to y: h_of(adapter, group, H) writes H (rows x r) for the group's rows
+  /// (X[R] Aᵀ for a dense layer, A[:, ids[R]]ᵀ for an embedding); then H is scaled and H Bᵀ added to y[R].
+  template <typename HOf>
+  void add_routed_terms(const adapter_routing& routing, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws,
+                        HOf&& h_of) const;
   /// The merge record of `group` (their stacked factors, and DoRA's gain).
   detail::merge_record<Scalar> make_record(const std::vector<std::string>& group) const;
   /// Takes a quantized_matrix as the weight (the shape checked, the row norms cached).
@@ -641,3 +665,4 @@ void linear<Scalar>::run_infer(const detail::input_cache<Scalar>& view, Eigen::R
 
 #include "detail/linear_core.hpp"
 #include "detail/linear_quant.hpp"
+#include "detail/linear_routed.hpp"

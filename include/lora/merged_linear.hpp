@@ -31,6 +31,7 @@
 
 #include "accounting.hpp"
 #include "adapter.hpp"
+#include "adapter_routing.hpp"
 #include "config.hpp"
 #include "detail/input_cache.hpp"
 #include "detail/layer_checks.hpp"
@@ -126,6 +127,11 @@ class merged_linear : public layer_base<merged_linear<Scalar_>, Scalar_> {
 
   template <typename Derived>
   void infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const;
+  /// Const inference of a batch whose rows use different adapters (adapter_routing.hpp): each slice as
+  /// linear::infer with the routing; slices without adapters run the base alone.
+  template <typename Derived>
+  void infer(const Eigen::MatrixBase<Derived>& x, const adapter_routing& routing, Eigen::Ref<matrix_type> y,
+             inference_workspace<Scalar>& ws) const;
 
  private:
   friend base_type;
@@ -280,7 +286,7 @@ template <typename Derived>
 void merged_linear<Scalar>::forward(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y) {
   detail::expect_same_scalar<Scalar, typename Derived::Scalar>();
   check_input(x.rows(), x.cols());
-  detail::expect_shape(where(), "output Y", x.rows(), out_features(), y.rows(), y.cols());
+  detail::expect_shape([this] { return where(); }, "output Y", x.rows(), out_features(), y.rows(), y.cols());
   m_x.bind(x);  // one view (or one copy of an expression) that every slice then views
   run_forward(y);
 }
@@ -298,7 +304,7 @@ template <typename Scalar>
 template <typename Derived>
 void merged_linear<Scalar>::backward(const Eigen::MatrixBase<Derived>& dy, Eigen::Ref<matrix_type> dx) {
   detail::expect_same_scalar<Scalar, typename Derived::Scalar>();
-  detail::expect_shape(where(), "dX", dy.rows(), m_in, dx.rows(), dx.cols());
+  detail::expect_shape([this] { return where(); }, "dX", dy.rows(), m_in, dx.rows(), dx.cols());
   run_backward(dy, &dx);
 }
 
@@ -311,8 +317,8 @@ void merged_linear<Scalar>::backward_params_only(const Eigen::MatrixBase<Derived
 
 template <typename Scalar>
 void merged_linear<Scalar>::run_backward(Eigen::Ref<const matrix_type> dy, Eigen::Ref<matrix_type>* dx) {
-  detail::expect_forward_cache(where(), m_has_cache);
-  detail::expect_shape(where(), "dY", m_x.rows(), out_features(), dy.rows(), dy.cols(),
+  detail::expect_forward_cache([this] { return where(); }, m_has_cache);
+  detail::expect_shape([this] { return where(); }, "dY", m_x.rows(), out_features(), dy.rows(), dy.cols(),
                        " (the forward's n x out_features)");
   // dX = Σ_i dY[:, slice i] W_i (+ slice i's adapter terms).
   for (index i = 0; i < num_slices(); ++i) {
@@ -340,12 +346,25 @@ template <typename Derived>
 void merged_linear<Scalar>::infer(const Eigen::MatrixBase<Derived>& x, Eigen::Ref<matrix_type> y,
                                   inference_workspace<Scalar>& ws) const {
   check_input(x.rows(), x.cols());
-  detail::expect_shape(where(), "output Y", x.rows(), out_features(), y.rows(), y.cols());
+  detail::expect_shape([this] { return where(); }, "output Y", x.rows(), out_features(), y.rows(), y.cols());
   detail::input_cache<Scalar> view;  // a view for matrices, maps and blocks; one copy for other expressions
   view.bind(x);
   view.visit([&](const auto& xv) {
     for (index i = 0; i < num_slices(); ++i) slice(i).infer(xv, y.middleCols(i * m_slice_out, m_slice_out), ws);
   });
+}
+
+template <typename Scalar>
+template <typename Derived>
+void merged_linear<Scalar>::infer(const Eigen::MatrixBase<Derived>& x, const adapter_routing& routing,
+                                  Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws) const {
+  check_input(x.rows(), x.cols());
+  detail::expect_shape([this] { return where(); }, "output Y", x.rows(), out_features(), y.rows(), y.cols());
+  this->check_routing(routing, x.rows());  // once, against the slices that take adapters
+  detail::input_cache<Scalar> view;
+  view.bind(x);
+  for (index i = 0; i < num_slices(); ++i)
+    slice(i).run_infer_routed(view, routing, y.middleCols(i * m_slice_out, m_slice_out), ws);
 }
 
 }  // namespace lora

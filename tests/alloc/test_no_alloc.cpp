@@ -26,6 +26,8 @@ static void lora_test_eigen_assert(bool ok) {
 #include <gtest/gtest.h>
 
 #include <lora/lora.hpp>
+#include <string>
+#include <vector>
 
 void* operator new(std::size_t n) {
   if (g_counting) ++g_news;
@@ -144,6 +146,52 @@ TEST(no_alloc, quantized_weight_training_step_and_inference) {
     EXPECT_EQ(g_news.load(), 0) << lora::quant::qtype_name(type);
     EXPECT_EQ(g_eigen_mallocs.load(), 0) << lora::quant::qtype_name(type);
   }
+}
+
+// A batch whose rows use different adapters of different ranks (scattered rows: gathered and scattered
+// through the workspace; consecutive rows: in place; rows with scales; the base alone), over a plain and
+// an NF4 weight, and an embedding's routed lookup.
+TEST(no_alloc, routed_batch_inference_with_a_warm_workspace) {
+  std::vector<std::string> rows;
+  std::vector<double> scales;
+  for (lora::index i = 0; i < kN; ++i) {
+    rows.push_back(i % 5 == 4 ? lora::base_adapter : "a" + std::to_string(i % 3));
+    scales.push_back(i % 7 == 0 ? 0.5 : 1.0);
+  }
+  const lora::adapter_routing scattered(rows, scales);
+  const auto consecutive = lora::adapter_routing::from_runs({{"a0", kN / 2}, {"a2", kN - kN / 2}});
+  const mat x = random(kN, kD, 10);
+  mat y(kN, kD);
+  for (bool quantized : {false, true}) {
+    lora::linear<float> plain(random(kD, kD, 11), "fc");
+    lora::linear<float> nf4(lora::quant::quantized_matrix::quantize(random(kD, kD, 11), lora::quant::qtype::nf4), "q");
+    lora::linear<float>& layer = quantized ? nf4 : plain;
+    for (int a = 0; a < 3; ++a) layer.add_adapter("a" + std::to_string(a), {4 + 6 * a, 8.0});
+    lora::inference_workspace<float> ws;
+    layer.infer(x, scattered, y, ws);
+    layer.infer(x, consecutive, y, ws);
+    {
+      counting_scope scope;
+      for (int i = 0; i < 3; ++i) {
+        layer.infer(x, scattered, y, ws);
+        layer.infer(x, consecutive, y, ws);
+      }
+    }
+    EXPECT_EQ(g_news.load(), 0) << (quantized ? "nf4" : "f32");
+    EXPECT_EQ(g_eigen_mallocs.load(), 0) << (quantized ? "nf4" : "f32");
+  }
+  lora::embedding<float> wte(random(50, kD, 12), "wte");
+  for (int a = 0; a < 3; ++a) wte.add_adapter("a" + std::to_string(a), {4 + 6 * a, 8.0});
+  std::vector<lora::index> ids;
+  for (lora::index i = 0; i < kN; ++i) ids.push_back((7 * i) % 50);
+  lora::inference_workspace<float> ws;
+  wte.infer(ids, scattered, y, ws);
+  {
+    counting_scope scope;
+    wte.infer(ids, scattered, y, ws);
+  }
+  EXPECT_EQ(g_news.load(), 0) << "embedding";
+  EXPECT_EQ(g_eigen_mallocs.load(), 0) << "embedding";
 }
 
 // The counters work: an allocation inside the scope is seen.

@@ -35,6 +35,7 @@
 #include <utility>
 #include <vector>
 
+#include "../adapter_routing.hpp"
 #include "../config.hpp"
 #include "../error.hpp"
 #include "../linear.hpp"
@@ -72,6 +73,8 @@ struct gpt2_profile {
 
 template <typename Scalar>
 struct gpt2_kv_cache;
+template <typename Scalar>
+struct gpt2_batch_workspace;
 
 template <typename Scalar_>
 class gpt2 {
@@ -161,7 +164,31 @@ class gpt2 {
   /// Σ over i of −log p(ids[i + 1] | ids[0..i]) in nats (ids.size() − 1 terms), one fresh window.
   double nll(const token_list& ids, cache_type& cache) const;
 
+  // --- many sequences, many adapters (gpt2_infer.hpp; docs/CONVENTIONS.md §mixed) ----------------
+
+  /// The routing of a batch of sequences: sequence k feeds lengths[k] tokens through adapter names[k]
+  /// (an adapter, or base_adapter / "" for the base alone). As PEFT: name_error for a name that no
+  /// projection holds; a projection without the adapter runs the base for those rows
+  /// (missing_adapter::base). shape_error when the counts differ.
+  adapter_routing routing(const std::vector<std::string>& names, const std::vector<index>& lengths) const;
+  /// Feeds several sequences at once: seqs[k] appended to *caches[k] at its own position. Every projection
+  /// runs once over the rows of all of them, each sequence's rows through its adapter (`routing`, from
+  /// routing() with the same lengths); attention runs per sequence over its own cache. Each sequence's
+  /// logits (V x m_k) go to (*logits)[k] unless null. Equal, sequence by sequence, to infer() with that
+  /// sequence's adapter the only active one. Errors as infer() and linear's routed infer (merged or DoRA
+  /// adapters refused).
+  void infer_batch(const std::vector<token_list>& seqs, const std::vector<cache_type*>& caches,
+                   const adapter_routing& routing, gpt2_batch_workspace<Scalar>& ws,
+                   std::vector<matrix_type>* logits) const;
+
  private:
+  /// The checks of infer(): the cache fits the model, m tokens fit at its position, ids in range.
+  void check_feed(const token_list& ids, const cache_type& c) const;
+  /// The blocks and the final LayerNorm over the rows in s.x (s: a cache or a batch workspace):
+  /// run(l, module, in, out) applies a projection and its bias; attend(l) turns s.qkv into s.a.
+  template <typename Scratch, typename Run, typename Attend>
+  void run_blocks(Scratch& s, Run&& run, Attend&& attend) const;
+
   /// What one block keeps from forward for backward (n rows).
   struct block_cache {
     matrix_type x;    ///< Block input (residual stream), n x d.

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "../adapter_routing.hpp"
 #include "gpt2.hpp"
 
 namespace lora::models {
@@ -31,6 +32,14 @@ struct gpt2_kv_cache {
   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> scores;
 
   void clear() noexcept { length = 0; }
+};
+
+/// Scratch of infer_batch (the rows of every sequence of a batch together); one per thread, reused.
+template <typename Scalar>
+struct gpt2_batch_workspace {
+  inference_workspace<Scalar> ws;
+  matrix<Scalar> x, h, qkv, a, y, big;
+  layer_norm_stats<Scalar> stats;
 };
 
 namespace detail {
@@ -67,7 +76,7 @@ gpt2_kv_cache<Scalar> gpt2<Scalar>::make_cache() const {
 }
 
 template <typename Scalar>
-void gpt2<Scalar>::infer(const token_list& ids, cache_type& c, matrix_type* logits) const {
+void gpt2<Scalar>::check_feed(const token_list& ids, const cache_type& c) const {
   const auto& cfg = config();
   const index m = static_cast<index>(ids.size()), t0 = c.length, d = cfg.n_embd;
   const auto fits = [&](const std::vector<matrix_type>& m) {
@@ -84,6 +93,36 @@ void gpt2<Scalar>::infer(const token_list& ids, cache_type& c, matrix_type* logi
                       std::to_string(t0) + " (n_positions = " + std::to_string(cfg.n_positions) + "), got " +
                       std::to_string(m));
   check_ids(ids, "token ids");
+}
+
+template <typename Scalar>
+template <typename Scratch, typename Run, typename Attend>
+void gpt2<Scalar>::run_blocks(Scratch& s, Run&& run, Attend&& attend) const {
+  const auto& cfg = config();
+  const double eps = cfg.layer_norm_epsilon;
+  const auto& w = m_weights;
+  for (index l = 0; l < cfg.n_layer; ++l) {
+    layer_norm_forward(s.x, w.block_vector(l, block_tensor::ln_1_weight), w.block_vector(l, block_tensor::ln_1_bias),
+                       eps, s.h, s.stats);
+    run(l, gpt2_module::c_attn, s.h, s.qkv);
+    attend(l);  // s.qkv -> s.a, keys and values into the cache(s)
+    run(l, gpt2_module::attn_c_proj, s.a, s.y);
+    s.x += s.y;
+    layer_norm_forward(s.x, w.block_vector(l, block_tensor::ln_2_weight), w.block_vector(l, block_tensor::ln_2_bias),
+                       eps, s.h, s.stats);
+    run(l, gpt2_module::c_fc, s.h, s.big);
+    gelu_forward(s.big.data(), s.big.data(), s.big.size());
+    run(l, gpt2_module::mlp_c_proj, s.big, s.y);
+    s.x += s.y;
+  }
+  layer_norm_forward(s.x, w.ln_f_weight(), w.ln_f_bias(), eps, s.h, s.stats);
+}
+
+template <typename Scalar>
+void gpt2<Scalar>::infer(const token_list& ids, cache_type& c, matrix_type* logits) const {
+  check_feed(ids, c);
+  const auto& cfg = config();
+  const index m = static_cast<index>(ids.size()), t0 = c.length, d = cfg.n_embd;
   c.x.resize(m, d);
   for (index i = 0; i < m; ++i)
     c.x.row(i) = m_weights.wte().row(ids[static_cast<std::size_t>(i)]) + m_weights.wpe().row(t0 + i);
@@ -93,29 +132,94 @@ void gpt2<Scalar>::infer(const token_list& ids, cache_type& c, matrix_type* logi
     lin.infer(in, out, c.ws);
     detail::add_bias(out, m_weights.flat(tensor_of(l, mod, true)));
   };
-  const double eps = cfg.layer_norm_epsilon;
-  for (index l = 0; l < cfg.n_layer; ++l) {
-    const auto& w = m_weights;
-    layer_norm_forward(c.x, w.block_vector(l, block_tensor::ln_1_weight), w.block_vector(l, block_tensor::ln_1_bias),
-                       eps, c.h, c.stats);
-    run(l, gpt2_module::c_attn, c.h, c.qkv);
+  run_blocks(c, run, [&](index l) {
     c.k[static_cast<std::size_t>(l)].middleRows(t0, m) = c.qkv.middleCols(d, d);
     c.v[static_cast<std::size_t>(l)].middleRows(t0, m) = c.qkv.middleCols(2 * d, d);
     detail::cached_attention(c, l, t0, cfg.n_head);
-    run(l, gpt2_module::attn_c_proj, c.a, c.y);
-    c.x += c.y;
-    layer_norm_forward(c.x, w.block_vector(l, block_tensor::ln_2_weight), w.block_vector(l, block_tensor::ln_2_bias),
-                       eps, c.h, c.stats);
-    run(l, gpt2_module::c_fc, c.h, c.big);
-    gelu_forward(c.big.data(), c.big.data(), c.big.size());
-    run(l, gpt2_module::mlp_c_proj, c.big, c.y);
-    c.x += c.y;
-  }
-  layer_norm_forward(c.x, m_weights.ln_f_weight(), m_weights.ln_f_bias(), eps, c.h, c.stats);
+  });
   c.length = t0 + m;
   if (logits != nullptr) {
     logits->resize(cfg.vocab_size, m);
     logits->noalias() = m_weights.wte() * c.h.transpose();
+  }
+}
+
+template <typename Scalar>
+adapter_routing gpt2<Scalar>::routing(const std::vector<std::string>& names, const std::vector<index>& lengths) const {
+  if (names.size() != lengths.size())
+    throw shape_error("gpt2::routing: expected one adapter name per sequence (" + std::to_string(lengths.size()) +
+                      " sequences), got " + std::to_string(names.size()));
+  std::vector<std::pair<std::string, index>> runs;
+  for (std::size_t k = 0; k < names.size(); ++k) {
+    const std::string& n = names[k];
+    const bool known =
+        adapter_routing::is_base(n) ||
+        std::any_of(m_layers.begin(), m_layers.end(), [&](const layer_type& l) { return l.has_adapter(n); });
+    if (!known) {
+      std::vector<std::string> all;
+      for (const auto& l : m_layers)
+        for (const auto& a : l.adapter_names())
+          if (std::find(all.begin(), all.end(), a) == all.end()) all.push_back(a);
+      std::string list;
+      for (const auto& a : all) list += (list.empty() ? "'" : ", '") + a + "'";
+      throw name_error("gpt2: sequence " + std::to_string(k) + " names adapter '" + n +
+                       "', which no projection holds (adapters: " + (list.empty() ? "none" : list) + "; '" +
+                       base_adapter + "' for the base alone)");
+    }
+    runs.emplace_back(n, lengths[k]);
+  }
+  return adapter_routing::from_runs(runs, {}, missing_adapter::base);
+}
+
+template <typename Scalar>
+void gpt2<Scalar>::infer_batch(const std::vector<token_list>& seqs, const std::vector<cache_type*>& caches,
+                               const adapter_routing& routing, gpt2_batch_workspace<Scalar>& s,
+                               std::vector<matrix_type>* logits) const {
+  const auto& cfg = config();
+  const index d = cfg.n_embd, n_seq = static_cast<index>(seqs.size());
+  if (caches.size() != seqs.size())
+    throw shape_error("gpt2::infer_batch: expected one cache per sequence (" + std::to_string(n_seq) + "), got " +
+                      std::to_string(caches.size()));
+  std::vector<index> offset(seqs.size() + 1, 0), t0(seqs.size());  // sequence k: rows offset[k] .. offset[k+1]
+  for (std::size_t k = 0; k < seqs.size(); ++k) {
+    if (caches[k] == nullptr) throw shape_error("gpt2::infer_batch: cache " + std::to_string(k) + " is null");
+    check_feed(seqs[k], *caches[k]);
+    offset[k + 1] = offset[k] + static_cast<index>(seqs[k].size());
+    t0[k] = caches[k]->length;
+  }
+  if (routing.rows() != offset.back())
+    throw shape_error("gpt2::infer_batch: the routing covers " + std::to_string(routing.rows()) +
+                      " rows, the sequences feed " + std::to_string(offset.back()) + " tokens");
+  s.x.resize(offset.back(), d);
+  for (std::size_t k = 0; k < seqs.size(); ++k)
+    for (std::size_t i = 0; i < seqs[k].size(); ++i)
+      s.x.row(offset[k] + static_cast<index>(i)) =
+          m_weights.wte().row(seqs[k][i]) + m_weights.wpe().row(t0[k] + static_cast<index>(i));
+  const auto run = [&](index l, gpt2_module mod, const matrix_type& in, matrix_type& out) {
+    const auto& lin = layer(l, mod);
+    out.resize(in.rows(), lin.out_features());
+    lin.infer(in, routing, out, s.ws);
+    detail::add_bias(out, m_weights.flat(tensor_of(l, mod, true)));
+  };
+  s.a.resize(offset.back(), d);
+  run_blocks(s, run, [&](index l) {
+    for (std::size_t k = 0; k < seqs.size(); ++k) {
+      cache_type& c = *caches[k];
+      const index m = offset[k + 1] - offset[k];
+      c.qkv = s.qkv.middleRows(offset[k], m);
+      c.k[static_cast<std::size_t>(l)].middleRows(t0[k], m) = c.qkv.middleCols(d, d);
+      c.v[static_cast<std::size_t>(l)].middleRows(t0[k], m) = c.qkv.middleCols(2 * d, d);
+      detail::cached_attention(c, l, t0[k], cfg.n_head);
+      s.a.middleRows(offset[k], m) = c.a;
+    }
+  });
+  if (logits != nullptr) logits->resize(seqs.size());
+  for (std::size_t k = 0; k < seqs.size(); ++k) {
+    const index m = offset[k + 1] - offset[k];
+    caches[k]->length = t0[k] + m;
+    if (logits == nullptr) continue;
+    (*logits)[k].resize(cfg.vocab_size, m);
+    (*logits)[k].noalias() = m_weights.wte() * s.h.middleRows(offset[k], m).transpose();
   }
 }
 
