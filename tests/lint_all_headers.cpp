@@ -3,8 +3,10 @@
 // target; scripts/lint.sh fails when a header under include/ is missing from this list.
 #include <lora/accounting.hpp>
 #include <lora/adapter.hpp>
+#include <lora/combine.hpp>
 #include <lora/config.hpp>
 #include <lora/conv2d.hpp>
+#include <lora/detail/combine_ops.hpp>
 #include <lora/detail/exact_merge.hpp>
 #include <lora/detail/input_cache.hpp>
 #include <lora/detail/layer_checks.hpp>
@@ -34,6 +36,7 @@
 #include <lora/io/module_match.hpp>
 #include <lora/io/module_ref.hpp>
 #include <lora/io/peft.hpp>
+#include <lora/io/peft_combine.hpp>
 #include <lora/io/peft_config.hpp>
 #include <lora/io/peft_file.hpp>
 #include <lora/io/peft_layers.hpp>
