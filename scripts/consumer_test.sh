@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs tests/consumer twice: against an install into a temporary prefix (find_package) and
 # through add_subdirectory. The install must also hold the shipped programs, <prefix>/bin/lora-inspect,
-# <prefix>/bin/lora-merge and <prefix>/bin/lora-gguf, which must run. Exits non-zero if anything fails.
+# <prefix>/bin/lora-merge, <prefix>/bin/lora-gguf and <prefix>/bin/lora-combine, which must run. Exits
+# non-zero if anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -10,9 +11,9 @@ trap 'rm -rf "$tmp"' EXIT
 jobs=${LORA_JOBS:-$(nproc)}
 cmake -S . -B "$tmp/lib" -G Ninja -DLORA_BUILD_TESTS=OFF -DLORA_BUILD_EXAMPLES=OFF -DLORA_BUILD_BENCHMARKS=OFF \
   -DLORA_BUILD_TOOLS=ON -DCMAKE_INSTALL_PREFIX="$tmp/prefix" >/dev/null
-cmake --build "$tmp/lib" -j "$jobs" --target lora-inspect lora-merge lora-gguf
+cmake --build "$tmp/lib" -j "$jobs" --target lora-inspect lora-merge lora-gguf lora-combine
 cmake --install "$tmp/lib" >/dev/null
-for tool in lora-inspect lora-merge lora-gguf; do
+for tool in lora-inspect lora-merge lora-gguf lora-combine; do
   if [ ! -x "$tmp/prefix/bin/$tool" ]; then
     echo "consumer tests: cmake --install did not put $tool in <prefix>/bin" >&2
     ls -l "$tmp/prefix" "$tmp/prefix/bin" >&2 || true

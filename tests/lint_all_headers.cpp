@@ -3,13 +3,17 @@
 // target; scripts/lint.sh fails when a header under include/ is missing from this list.
 #include <lora/accounting.hpp>
 #include <lora/adapter.hpp>
+#include <lora/adapter_routing.hpp>
+#include <lora/combine.hpp>
 #include <lora/config.hpp>
 #include <lora/conv2d.hpp>
+#include <lora/detail/combine_ops.hpp>
 #include <lora/detail/exact_merge.hpp>
 #include <lora/detail/input_cache.hpp>
 #include <lora/detail/layer_checks.hpp>
 #include <lora/detail/linear_core.hpp>
 #include <lora/detail/linear_quant.hpp>
+#include <lora/detail/linear_routed.hpp>
 #include <lora/detail/parallel.hpp>
 #include <lora/detail/row_blocks.hpp>
 #include <lora/dora.hpp>
@@ -34,6 +38,7 @@
 #include <lora/io/module_match.hpp>
 #include <lora/io/module_ref.hpp>
 #include <lora/io/peft.hpp>
+#include <lora/io/peft_combine.hpp>
 #include <lora/io/peft_config.hpp>
 #include <lora/io/peft_file.hpp>
 #include <lora/io/peft_layers.hpp>

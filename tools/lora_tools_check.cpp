@@ -1,10 +1,16 @@
-// lora_tools_check: the test driver CTest runs around lora-merge and lora-inspect (not installed).
+// lora_tools_check: the test driver CTest runs around lora-merge, lora-inspect and lora-combine (not
+// installed).
 //
-//   lora_tools_check make DIR              writes DIR/base.safetensors (a tiny GPT-2-style checkpoint) and
+//   lora_tools_check make DIR              writes DIR/base.safetensors (a tiny GPT-2-style checkpoint),
 //                                          DIR/adapter/ (a PEFT adapter for it: fan_in_fan_out, a
-//                                          rank_pattern, modules_to_save, "transformer." prefixes)
+//                                          rank_pattern, modules_to_save, "transformer." prefixes) and
+//                                          DIR/adapter2/ (a second one, rank 2 everywhere, with a module
+//                                          the first lacks), for lora-combine
 //   lora_tools_check verify DIR            checks DIR/merged.safetensors against W + s (B A)ᵀ computed
 //                                          here element by element, and the untouched tensors byte by byte
+//   lora_tools_check verify-cat DIR W1 W2  checks DIR/combined/ (lora-combine --type cat of adapter/ with
+//                                          weight W1 and adapter2/ with W2): scaling 1, every module of the
+//                                          new rank, and B A = Σ W_i s_i B_i A_i over the adapters having it
 //   lora_tools_check expect-ok [--contains TEXT] -- CMD ARGS...
 //                                          runs CMD; passes if it exits 0 (and stdout contains TEXT)
 //   lora_tools_check expect-error -- CMD ARGS...
@@ -59,6 +65,25 @@ io::peft_adapter fixture_adapter() {
   return a;
 }
 
+// The second adapter: r = 2, lora_alpha = 2 (s = 1) on both c_attn and on an MLP module the first lacks.
+io::peft_adapter second_adapter() {
+  io::peft_adapter a;
+  a.config.r = 2;
+  a.config.lora_alpha = 2;
+  a.config.fan_in_fan_out = true;
+  a.config.target_modules = std::vector<std::string>{"c_attn", "c_proj"};
+  for (const char* path :
+       {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_proj"}) {
+    io::peft_module m;
+    m.path = path;
+    const double seed = static_cast<double>(a.modules.size());
+    m.a = filled(2, 4, 11.0 + seed);
+    m.b = filled(6, 2, 15.0 + seed);
+    a.modules.push_back(m);
+  }
+  return a;
+}
+
 int make(const std::string& dir) {
   io::safetensors_writer base;
   for (int layer = 0; layer < 2; ++layer) {
@@ -69,6 +94,7 @@ int make(const std::string& dir) {
   base.set_metadata({{"format", "pt"}});
   base.write(dir + "/base.safetensors");
   fixture_adapter().save(dir + "/adapter");
+  second_adapter().save(dir + "/adapter2");
   return 0;
 }
 
@@ -106,6 +132,60 @@ int verify(const std::string& dir) {
     ++failures;
   }
   std::printf("verify: %s\n", failures == 0 ? "ok" : "FAILED");
+  return failures == 0 ? 0 : 1;
+}
+
+/// Counts, and prints, the entries of got that differ from want by more than 1e-12 relative.
+int compare(const std::string& what, const mat& got, const mat& want) {
+  if (got.rows() != want.rows() || got.cols() != want.cols()) {
+    std::fprintf(stderr, "verify-cat: %s is %lldx%lld, want %lldx%lld\n", what.c_str(),
+                 static_cast<long long>(got.rows()), static_cast<long long>(got.cols()),
+                 static_cast<long long>(want.rows()), static_cast<long long>(want.cols()));
+    return 1;
+  }
+  int failures = 0;
+  for (lora::index i = 0; i < got.rows(); ++i) {
+    for (lora::index j = 0; j < got.cols(); ++j) {
+      if (std::fabs(got(i, j) - want(i, j)) <= 1e-12 * std::max(1.0, std::fabs(want(i, j)))) continue;
+      std::fprintf(stderr, "verify-cat: %s(%lld, %lld) is %.17g, want %.17g\n", what.c_str(), static_cast<long long>(i),
+                   static_cast<long long>(j), got(i, j), want(i, j));
+      ++failures;
+    }
+  }
+  return failures;
+}
+
+// cat with power-of-two c_i: c_i A_i is exact in F32, so B A must equal Σ c_i B_i A_i to double rounding.
+int verify_cat(const std::string& dir, double w1, double w2) {
+  const io::peft_adapter inputs[] = {io::peft_adapter::load(dir + "/adapter"),
+                                     io::peft_adapter::load(dir + "/adapter2")};
+  const double weights[] = {w1, w2};
+  const io::peft_adapter out = io::peft_adapter::load(dir + "/combined");
+  int failures = 0;
+  const lora::index rank = inputs[0].config.r + inputs[1].config.r;  // both adapters' largest rank is r
+  if (out.config.r != rank || out.config.lora_alpha != static_cast<double>(rank) || out.config.use_rslora) {
+    std::fprintf(stderr, "verify-cat: config r = %lld, lora_alpha = %g, use_rslora = %d; want r = lora_alpha = %lld\n",
+                 static_cast<long long>(out.config.r), out.config.lora_alpha, out.config.use_rslora ? 1 : 0,
+                 static_cast<long long>(rank));
+    ++failures;
+  }
+  if (out.modules.size() != 3) {
+    std::fprintf(stderr, "verify-cat: %zu modules, want 3 (the union)\n", out.modules.size());
+    ++failures;
+  }
+  for (const io::peft_module& m : out.modules) {
+    mat want = mat::Zero(m.b.rows(), m.a.cols());
+    for (int k = 0; k < 2; ++k) {
+      if (const io::peft_module* src = inputs[k].find(m.path))
+        want += weights[k] * inputs[k].config.scaling_for(m.path) * (src->b * src->a);
+    }
+    if (m.rank() != rank) {
+      std::fprintf(stderr, "verify-cat: module %s has rank %lld\n", m.path.c_str(), static_cast<long long>(m.rank()));
+      ++failures;
+    }
+    failures += compare(m.path, out.config.scaling_for(m.path) * (m.b * m.a), want);
+  }
+  std::printf("verify-cat: %s\n", failures == 0 ? "ok" : "FAILED");
   return failures == 0 ? 0 : 1;
 }
 
@@ -178,6 +258,7 @@ int main(int argc, char** argv) {
     const std::vector<std::string> args(argv + 1, argv + argc);
     if (args.size() == 2 && args[0] == "make") return make(args[1]);
     if (args.size() == 2 && args[0] == "verify") return verify(args[1]);
+    if (args.size() == 4 && args[0] == "verify-cat") return verify_cat(args[1], std::stod(args[2]), std::stod(args[3]));
     if (!args.empty() && (args[0] == "expect-ok" || args[0] == "expect-error")) {
       std::size_t k = 1;
       std::string contains;
@@ -191,8 +272,8 @@ int main(int argc, char** argv) {
                     std::vector<std::string>(args.begin() + static_cast<std::ptrdiff_t>(k), args.end()));
     }
     std::fputs(
-        "usage: lora_tools_check make DIR | verify DIR | expect-ok [--contains TEXT] -- CMD... | "
-        "expect-error -- CMD...\n",
+        "usage: lora_tools_check make DIR | verify DIR | verify-cat DIR W1 W2 | expect-ok [--contains TEXT] -- "
+        "CMD... | expect-error -- CMD...\n",
         stderr);
     return 2;
   } catch (const std::exception& e) {

@@ -4,6 +4,7 @@
 //   lora::io::safetensors_file, safetensors_writer, safetensors_stream_writer   safetensors files
 //   lora::io::peft_config, peft_adapter_file, peft_adapter, attach             PEFT LoRA adapters
 //   lora::io::merge_checkpoint                                                  PEFT's merge_and_unload
+//   lora::io::combine_peft, combine_peft_dirs                                   PEFT's add_weighted_adapter
 //   lora::io::save_checkpoint, load_checkpoint                                  training checkpoints
 //   lora::io::write_file_atomically, atomic_file                                temporary, fsync, rename
 //   lora::io::gguf_file, gguf_writer, read_gguf_lora, merge_gguf                llama.cpp's GGUF
@@ -15,4 +16,5 @@
 #include "io/gguf_lora.hpp"
 #include "io/merge.hpp"
 #include "io/peft.hpp"
+#include "io/peft_combine.hpp"
 #include "io/safetensors.hpp"

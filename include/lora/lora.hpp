@@ -4,6 +4,8 @@
 //   lora::embedding, lora::merged_linear, lora::conv2d   the same for embeddings, fused QKV, convolutions
 //   lora::layer_base       the adapter API every layer gets from one place; lora::is_lora_layer_v<T>
 //   lora::adapter<Scalar>  one adapter's factors (shape-safe views), gradients and hyper-parameters
+//   lora::adapter_routing  a batch whose rows use different adapters (PEFT's adapter_names): infer(x, routing)
+//   lora::add_weighted_adapter, combine_factors   adapter arithmetic (PEFT's add_weighted_adapter; Eigen's SVD)
 //   lora::parameter        the (value, grad) views optimizers work on
 //   lora::parameter_report trainable-parameter and memory accounting
 //   lora::error            the exception hierarchy
@@ -14,6 +16,8 @@
 
 #include "accounting.hpp"
 #include "adapter.hpp"
+#include "adapter_routing.hpp"
+#include "combine.hpp"
 #include "config.hpp"
 #include "conv2d.hpp"
 #include "dora.hpp"
