@@ -130,14 +130,15 @@ inline void save_base_tokenizer(const std::string& model_path, const std::string
   }
 }
 
-/// Loads the PEFT adapter in `adapter_dir` and attaches it to `model` as adapter "default". Every error
+/// Loads the PEFT adapter in `adapter_dir` and attaches it to `model` as adapter `name`. Every error
 /// (a folder that is not an adapter, modules the model lacks, shapes or ranks that disagree) is a
 /// lora::error naming the adapter folder.
-inline lora::io::peft_adapter attach_adapter(lm& model, const std::string& adapter_dir) {
+inline lora::io::peft_adapter attach_adapter(lm& model, const std::string& adapter_dir,
+                                             const std::string& name = "default") {
   lora::io::peft_adapter adapter;
   try {
     adapter = lora::io::peft_adapter::load(adapter_dir);
-    lora::io::attach(adapter, model.named_layers(), "default");
+    lora::io::attach(adapter, model.named_layers(), name);
   } catch (const lora::error& e) {
     throw lora::format_error(cat("cannot use the adapter in '", adapter_dir, "' with this model: ", e.what()));
   }
