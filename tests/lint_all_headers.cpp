@@ -56,6 +56,7 @@
 #include <lora/models/detail/gpt2_pretokenize.hpp>
 #include <lora/models/detail/unicode_tables.hpp>
 #include <lora/models/gpt2.hpp>
+#include <lora/models/gpt2_adapters.hpp>
 #include <lora/models/gpt2_config.hpp>
 #include <lora/models/gpt2_gguf.hpp>
 #include <lora/models/gpt2_infer.hpp>

@@ -43,7 +43,7 @@ void linear<Scalar>::run_infer_routed(const detail::input_cache<Scalar>& view, c
       }
       if (ws.rows_in.size() < static_cast<std::size_t>(m * m_in)) ws.rows_in.resize(static_cast<std::size_t>(m * m_in));
       Eigen::Map<matrix_type> xg(ws.rows_in.data(), m, m_in);  // X[R]
-      for (index k = 0; k < m; ++k) xg.row(k) = x.row(g.rows[static_cast<std::size_t>(k)]);
+      xg = x(g.rows, Eigen::all);  // column by column: each column of X read in row order, not row by row
       h.noalias() = xg * a.m_a.transpose();
     });
   });
@@ -70,7 +70,7 @@ void linear<Scalar>::add_routed_terms(const adapter_routing& routing, Eigen::Ref
       ws.rows_out.resize(static_cast<std::size_t>(m * m_out));
     Eigen::Map<matrix_type> yg(ws.rows_out.data(), m, m_out);
     yg.noalias() = h * a->m_b.transpose();
-    for (index k = 0; k < m; ++k) y.row(g.rows[static_cast<std::size_t>(k)]) += yg.row(k);  // scatter-add
+    y(g.rows, Eigen::all) += yg;  // scatter-add, column by column
   }
 }
 

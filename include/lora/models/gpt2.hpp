@@ -115,6 +115,8 @@ class gpt2 {
   std::vector<std::pair<std::string, layer_type*>> match(const std::vector<std::string>& targets);
   /// Adds adapter `name` to every projection matching `targets`; on any error nothing is added.
   void add_adapter(const std::string& name, const adapter_config& config, const std::vector<std::string>& targets);
+  /// Every adapter name some projection holds, in order of first appearance.
+  std::vector<std::string> adapter_names() const;
   /// Makes `names` the active adapters of every projection that has all of them (others run the base).
   void set_active(const std::vector<std::string>& names);
   /// Merges / unmerges the active adapters of every projection (exact unmerge, see lora::linear).
@@ -350,83 +352,6 @@ linear<Scalar>& gpt2<Scalar>::layer(index l, gpt2_module m) {
 template <typename Scalar>
 const linear<Scalar>& gpt2<Scalar>::layer(index l, gpt2_module m) const {
   return const_cast<gpt2*>(this)->layer(l, m);
-}
-
-template <typename Scalar>
-std::vector<std::pair<std::string, linear<Scalar>*>> gpt2<Scalar>::named_layers() {
-  std::vector<std::pair<std::string, layer_type*>> out;
-  for (auto& layer : m_layers) out.emplace_back(layer.name(), &layer);
-  return out;
-}
-
-template <typename Scalar>
-std::vector<std::pair<std::string, linear<Scalar>*>> gpt2<Scalar>::match(const std::vector<std::string>& targets) {
-  std::vector<std::pair<std::string, layer_type*>> out;
-  for (const auto& t : targets) {
-    if (t == "wte" || t == "transformer.wte" || t == "lm_head")
-      throw name_error("gpt2: target '" + t +
-                       "' is not supported: the LM head is tied to wte, so an adapter there would change both; "
-                       "targets are c_attn, c_proj, c_fc (or full paths)");
-    bool found = false;
-    for (auto& layer : m_layers) {
-      const std::string& p = layer.name();
-      const bool hit = p == t || (p.size() > t.size() && p.compare(p.size() - t.size(), t.size(), t) == 0 &&
-                                  p[p.size() - t.size() - 1] == '.');
-      if (!hit) continue;
-      found = true;
-      const bool seen = std::any_of(out.begin(), out.end(), [&](const auto& e) { return e.second == &layer; });
-      if (!seen) out.emplace_back(p, &layer);
-    }
-    if (!found)
-      throw name_error("gpt2: target '" + t + "' matches no module (expected c_attn, c_proj, c_fc, attn.c_proj, " +
-                       "mlp.c_proj or a path such as " + gpt2_module_path(0, gpt2_module::c_attn) + ")");
-  }
-  return out;
-}
-
-template <typename Scalar>
-void gpt2<Scalar>::add_adapter(const std::string& name, const adapter_config& cfg,
-                               const std::vector<std::string>& targets) {
-  const auto chosen = match(targets);
-  for (const auto& [path, layer] : chosen)
-    if (layer->has_adapter(name)) throw name_error("gpt2: module '" + path + "' already has an adapter '" + name + "'");
-  std::size_t done = 0;
-  try {
-    for (; done < chosen.size(); ++done) {
-      adapter_config c = cfg;
-      c.seed = cfg.seed + done;  // a different initialisation per module
-      chosen[done].second->add_adapter(name, c);
-    }
-  } catch (...) {
-    for (std::size_t i = 0; i < done; ++i) chosen[i].second->remove_adapter(name);
-    throw;
-  }
-}
-
-template <typename Scalar>
-void gpt2<Scalar>::set_active(const std::vector<std::string>& names) {
-  for (auto& layer : m_layers) {
-    const bool has_all =
-        std::all_of(names.begin(), names.end(), [&](const std::string& n) { return layer.has_adapter(n); });
-    if (has_all) layer.set_active(names);
-  }
-}
-
-template <typename Scalar>
-void gpt2<Scalar>::merge() {
-  for (auto& layer : m_layers)
-    if (!layer.active_adapters().empty()) layer.merge();
-}
-
-template <typename Scalar>
-void gpt2<Scalar>::unmerge() {
-  for (auto& layer : m_layers)
-    if (layer.merged()) layer.unmerge();
-}
-
-template <typename Scalar>
-void gpt2<Scalar>::train(bool on) {
-  for (auto& layer : m_layers) layer.train(on);
 }
 
 template <typename Scalar>
@@ -723,4 +648,5 @@ void gpt2<Scalar>::embed_backward(const matrix_type& dx) {
 
 }  // namespace lora::models
 
+#include "gpt2_adapters.hpp"
 #include "gpt2_infer.hpp"

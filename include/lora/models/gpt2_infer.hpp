@@ -16,7 +16,6 @@
 #include <string>
 #include <vector>
 
-#include "../adapter_routing.hpp"
 #include "gpt2.hpp"
 
 namespace lora::models {
@@ -142,33 +141,6 @@ void gpt2<Scalar>::infer(const token_list& ids, cache_type& c, matrix_type* logi
     logits->resize(cfg.vocab_size, m);
     logits->noalias() = m_weights.wte() * c.h.transpose();
   }
-}
-
-template <typename Scalar>
-adapter_routing gpt2<Scalar>::routing(const std::vector<std::string>& names, const std::vector<index>& lengths) const {
-  if (names.size() != lengths.size())
-    throw shape_error("gpt2::routing: expected one adapter name per sequence (" + std::to_string(lengths.size()) +
-                      " sequences), got " + std::to_string(names.size()));
-  std::vector<std::pair<std::string, index>> runs;
-  for (std::size_t k = 0; k < names.size(); ++k) {
-    const std::string& n = names[k];
-    const bool known =
-        adapter_routing::is_base(n) ||
-        std::any_of(m_layers.begin(), m_layers.end(), [&](const layer_type& l) { return l.has_adapter(n); });
-    if (!known) {
-      std::vector<std::string> all;
-      for (const auto& l : m_layers)
-        for (const auto& a : l.adapter_names())
-          if (std::find(all.begin(), all.end(), a) == all.end()) all.push_back(a);
-      std::string list;
-      for (const auto& a : all) list += (list.empty() ? "'" : ", '") + a + "'";
-      throw name_error("gpt2: sequence " + std::to_string(k) + " names adapter '" + n +
-                       "', which no projection holds (adapters: " + (list.empty() ? "none" : list) + "; '" +
-                       base_adapter + "' for the base alone)");
-    }
-    runs.emplace_back(n, lengths[k]);
-  }
-  return adapter_routing::from_runs(runs, {}, missing_adapter::base);
 }
 
 template <typename Scalar>
