@@ -10,6 +10,7 @@
 // prompt keeps its last n_positions − 1 tokens and generation stops when the context is full.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -85,22 +86,38 @@ inline serve_run serve_batch(const lm& model, const std::vector<serve_request>& 
   }
   lora::models::gpt2_batch_workspace<float> ws;
   std::vector<lora::matrix<float>> logits;
-  std::vector<std::size_t> live;  // requests still generating, and the routing of their rows
+  // Requests still generating, kept grouped by adapter (each adapter's rows consecutive: its products run
+  // in place, nothing gathered); the routing is rebuilt only when the rows change (prefill, then a request
+  // finishing).
+  std::vector<std::size_t> live;
   for (std::size_t k = 0; k < n; ++k)
     if (budget[k] > 0) live.push_back(k);
+  std::stable_sort(live.begin(), live.end(),
+                   [&](std::size_t a, std::size_t b) { return reqs[which[a]].adapter < reqs[which[b]].adapter; });
   const auto t0 = std::chrono::steady_clock::now();
+  lora::adapter_routing routing;
+  bool prefill = true, rows_changed = true;
+  std::vector<token_list> seqs;
+  std::vector<lm::cache_type*> cs;
   while (!live.empty()) {
-    std::vector<token_list> seqs;
-    std::vector<lm::cache_type*> cs;
-    std::vector<std::string> names;
-    std::vector<lora::index> lengths;
+    seqs.clear();
+    cs.clear();
     for (const std::size_t k : live) {
       seqs.push_back(feed[k]);
       cs.push_back(&caches[k]);
-      names.push_back(reqs[which[k]].adapter);
-      lengths.push_back(static_cast<lora::index>(feed[k].size()));
     }
-    model.infer_batch(seqs, cs, model.routing(names, lengths), ws, &logits);
+    if (rows_changed) {
+      std::vector<std::string> names;
+      std::vector<lora::index> lengths;
+      for (const std::size_t k : live) {
+        names.push_back(reqs[which[k]].adapter);
+        lengths.push_back(static_cast<lora::index>(feed[k].size()));
+      }
+      routing = model.routing(names, lengths);
+    }
+    model.infer_batch(seqs, cs, routing, ws, &logits);
+    rows_changed = prefill;  // the prompts' lengths, then one token each
+    prefill = false;
     std::vector<std::size_t> still;
     for (std::size_t j = 0; j < live.size(); ++j) {
       const std::size_t k = live[j];
@@ -113,6 +130,7 @@ inline serve_run serve_batch(const lm& model, const std::vector<serve_request>& 
       feed[k].assign(1, next);
       if (!eot && run.outputs[k].size() < budget[k]) still.push_back(k);
     }
+    rows_changed = rows_changed || still.size() != live.size();
     live.swap(still);
     if (bar != nullptr) bar->step(static_cast<lora::index>(live.size()), 0.0);
   }

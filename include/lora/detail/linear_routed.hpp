@@ -13,6 +13,16 @@
 
 namespace lora {
 
+namespace detail {
+
+/// A group's rows as an index vector for Eigen's indexed views, without a copy (an indexed view keeps its
+/// index container by value: a std::vector would be copied, an allocation per call).
+inline Eigen::Map<const Eigen::Matrix<index, Eigen::Dynamic, 1>> rows_of(const adapter_routing::group& g) {
+  return {g.rows.data(), static_cast<index>(g.rows.size())};
+}
+
+}  // namespace detail
+
 template <typename Scalar>
 template <typename Derived>
 void linear<Scalar>::infer(const Eigen::MatrixBase<Derived>& x, const adapter_routing& routing,
@@ -43,7 +53,7 @@ void linear<Scalar>::run_infer_routed(const detail::input_cache<Scalar>& view, c
       }
       if (ws.rows_in.size() < static_cast<std::size_t>(m * m_in)) ws.rows_in.resize(static_cast<std::size_t>(m * m_in));
       Eigen::Map<matrix_type> xg(ws.rows_in.data(), m, m_in);  // X[R]
-      xg = x(g.rows, Eigen::all);  // column by column: each column of X read in row order, not row by row
+      xg = x(detail::rows_of(g), Eigen::all);  // column by column: each column of X read in row order, not row by row
       h.noalias() = xg * a.m_a.transpose();
     });
   });
@@ -70,7 +80,7 @@ void linear<Scalar>::add_routed_terms(const adapter_routing& routing, Eigen::Ref
       ws.rows_out.resize(static_cast<std::size_t>(m * m_out));
     Eigen::Map<matrix_type> yg(ws.rows_out.data(), m, m_out);
     yg.noalias() = h * a->m_b.transpose();
-    y(g.rows, Eigen::all) += yg;  // scatter-add, column by column
+    y(detail::rows_of(g), Eigen::all) += yg;  // scatter-add, column by column
   }
 }
 
