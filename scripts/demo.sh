@@ -36,7 +36,7 @@ if [ "${1:-}" = "serve" ]; then
   fi
   exec build/release/examples/gpt2_serve --model .cache/gpt2_fortunes/base --adapter "mild=$a/mild/lora_r16_seed0" \
     --adapter "es=$a/larger/lora_r16_seed0" --adapter "ru=$a/extreme/lora_r16_seed0" \
-    --requests scripts/serve_requests.tsv --json build/release/serve_results.json "$@"
+    --requests scripts/serve_requests.tsv --temperature 0.8 --top-k 40 --json build/release/serve_results.json "$@"
 fi
 
 scripts/setup.sh fortunes fortunes-min fortunes-es fortunes-ru
