@@ -5,6 +5,9 @@
 //  one      every row on one adapter (a routing with one group: the single-adapter batch)
 //  ours     rows spread round-robin over A adapters (row i uses adapter i mod A: every group scattered),
 //           one product with W, then per adapter gather, two thin products, scatter-add
+//  registry ours with the adapters published in an io::adapter_registry over a second copy of the layer,
+//           the routing bound to the registry's snapshot every batch (one atomic load, the lookups, the
+//           bound source's allocation) and each group's factors found by part address
 //  masked   the loop over adapters with row masks: for each adapter its term over every row of the
 //           batch, masked to its rows (Y += M_a ⊙ s (X Aᵀ) Bᵀ): A times the adapter work of one
 //  merged   switching merged weights: per adapter, merge s B A into W, run its rows, unmerge (at d 1024
@@ -12,13 +15,15 @@
 //           1.5–6.4 s a batch, and d 4096 sixteen times that)
 //
 // Arguments: d = in = out, n = rows, r = rank of every adapter, A = adapters. Counters: *_us (medians),
-// ours_over_one (target at r 8, A 16: ≤ 1.3), masked_over_ours and merged_over_ours (target at A 64:
-// masked ≥ 3). One thread unless OPENBLAS_NUM_THREADS says otherwise. Results:
+// ours_over_one (target at r 8, A 16: ≤ 1.3), registry_over_ours, masked_over_ours and merged_over_ours (target at A
+// 64: masked ≥ 3). One thread unless OPENBLAS_NUM_THREADS says otherwise. Results:
 // benchmarks/results/bench_serving_1thread.json and bench_serving_2threads.json.
 #include <benchmark/benchmark.h>
 
+#include <lora/io/adapter_registry.hpp>
 #include <lora/lora.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench_common.hpp"
@@ -73,15 +78,26 @@ void bm_serving(benchmark::State& st) {
     masks[static_cast<std::size_t>(i % adapters)](i) = 1.0f;
   }
   const lora::adapter_routing spread(rows), single(one);
+  lora::linear<float> served(layer.stored_weight(), "fc");
+  lora::io::adapter_registry<float> registry(
+      std::vector<std::pair<std::string, lora::linear<float>*>>{{"fc", &served}});
+  for (const auto& name : names)
+    registry.load(name, lora::io::peft_adapter::from_layers(
+                            std::vector<std::pair<std::string, lora::linear<float>*>>{{"fc", &layer}}, name));
+  lora::adapter_routing bound = spread;
   const mat x = random(n, d, 2);
   mat y(n, d), h, dd, xg, yg;
   lora::inference_workspace<float> ws;
   const bool with_merged = d <= 1024 && adapters <= 4;
-  std::vector<double> t_base, t_one, t_ours, t_masked, t_merged;
+  std::vector<double> t_base, t_one, t_ours, t_registry, t_masked, t_merged;
   for (auto _ : st) {
     t_base.push_back(seconds([&] { y.noalias() = x * layer.stored_weight().transpose(); }));
     t_one.push_back(seconds([&] { layer.infer(x, single, y, ws); }));
     t_ours.push_back(seconds([&] { layer.infer(x, spread, y, ws); }));
+    t_registry.push_back(seconds([&] {
+      registry.bind(bound);
+      served.infer(x, bound, y, ws);
+    }));
     t_masked.push_back(seconds([&] { masked_loop(layer, names, x, masks, y, h, dd); }));
     if (with_merged) t_merged.push_back(seconds([&] { merged_switching(layer, spread, x, y, ws, xg, yg); }));
     benchmark::DoNotOptimize(y.data());
@@ -93,6 +109,8 @@ void bm_serving(benchmark::State& st) {
   st.counters["masked_us"] = 1e6 * median(t_masked);
   st.counters["ours_over_one"] = ours / median(t_one);
   st.counters["ours_over_base"] = ours / median(t_base);
+  st.counters["registry_us"] = 1e6 * median(t_registry);
+  st.counters["registry_over_ours"] = median(t_registry) / ours;
   st.counters["masked_over_ours"] = median(t_masked) / ours;
   if (with_merged) {
     st.counters["merged_us"] = 1e6 * median(t_merged);

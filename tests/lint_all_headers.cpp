@@ -11,6 +11,7 @@
 #include <lora/detail/exact_merge.hpp>
 #include <lora/detail/input_cache.hpp>
 #include <lora/detail/layer_checks.hpp>
+#include <lora/detail/layer_hotswap.hpp>
 #include <lora/detail/linear_core.hpp>
 #include <lora/detail/linear_quant.hpp>
 #include <lora/detail/linear_routed.hpp>
@@ -21,6 +22,7 @@
 #include <lora/error.hpp>
 #include <lora/init.hpp>
 #include <lora/io.hpp>
+#include <lora/io/adapter_registry.hpp>
 #include <lora/io/atomic_file.hpp>
 #include <lora/io/checkpoint.hpp>
 #include <lora/io/detail/codec.hpp>

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -158,6 +159,18 @@ class adapter {
   }
   /// Embedding adapters: records that backward wrote column `id` of dA.
   void touch(index id);
+  /// Hot-swap (layer.hpp): factors a' (r' x in), b' (out x r') and scaling s' take this adapter's place.
+  /// When r' <= the stored rank the storage stays: zeroed, a' fills A's leading rows and b' B's leading
+  /// columns (ΔW = s' b' a': the zero rows and columns add nothing). Otherwise the factors grow to r'.
+  /// Gradients are zeroed, caches dropped, and config's rank and alpha restated so that scaling_of(config)
+  /// is s' at the stored rank. Returns true when no storage was reallocated.
+  template <typename DA, typename DB>
+  bool swap_in(const DA& a, const DB& b, const adapter_config& config);
+  /// Zero-pads A and B to rank r >= rank() (PEFT's prepare_model_for_compiled_hotswap); ΔW and the scaling
+  /// are unchanged.
+  void pad_rank(index r);
+  /// Sizes the gradients to the factors, zeroed, and forgets the forward cache and touched columns.
+  void reset_state();
 
   std::string m_name, m_label;
   adapter_config m_config;
@@ -293,6 +306,53 @@ void adapter<Scalar>::touch(index id) {
     flag = 1;
     m_touched.push_back(id);
   }
+}
+
+template <typename Scalar>
+template <typename DA, typename DB>
+bool adapter<Scalar>::swap_in(const DA& a, const DB& b, const adapter_config& config) {
+  const index r_new = a.rows(), stored = std::max(r_new, m_a.rows());
+  const bool in_place = r_new <= m_a.rows();
+  if (in_place) {
+    m_a.setZero();
+    m_b.setZero();
+  } else {
+    m_a.resize(r_new, m_a.cols());
+    m_b.resize(m_b.rows(), r_new);
+  }
+  m_a.topRows(r_new) = a;
+  m_b.leftCols(r_new) = b;
+  m_scaling = static_cast<Scalar>(scaling_of(config));
+  const double s = scaling_of(config), rs = static_cast<double>(stored);
+  m_config.rank = stored;
+  m_config.alpha = config.use_rslora ? s * std::sqrt(rs) : s * rs;  // scaling_of(m_config) == s at the stored rank
+  reset_state();
+  return in_place;
+}
+
+template <typename Scalar>
+void adapter<Scalar>::pad_rank(index r) {
+  const index r0 = m_a.rows();
+  if (r == r0) return;
+  const double s = scaling_of(m_config), rr = static_cast<double>(r);
+  m_a.conservativeResize(r, Eigen::NoChange);
+  m_a.bottomRows(r - r0).setZero();
+  m_b.conservativeResize(Eigen::NoChange, r);
+  m_b.rightCols(r - r0).setZero();
+  m_config.alpha = m_config.use_rslora ? s * std::sqrt(rr) : s * rr;  // the scaling stays s
+  m_config.rank = r;
+  reset_state();
+}
+
+template <typename Scalar>
+void adapter<Scalar>::reset_state() {
+  m_grad_a.setZero(m_a.rows(), m_a.cols());
+  m_grad_b.setZero(m_b.rows(), m_b.cols());
+  m_h.resize(0, 0);
+  m_touched.clear();
+  std::fill(m_marked.begin(), m_marked.end(), std::uint8_t{0});
+  m_in_cache = false;
+  m_masked = false;
 }
 
 template <typename Scalar>

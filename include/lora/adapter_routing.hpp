@@ -10,9 +10,15 @@
 // (SGMV-style: gather the rows of each adapter, two thin products, scatter-add). The routing is computed
 // once per batch, grouped by adapter, and shared by every layer of a model. The layers' active-adapter
 // setting plays no part; disabled adapters (disable_adapters()) make every row run the base alone.
+//
+// A routing may be bound to an adapter_source (io/adapter_registry.hpp): its groups then take their
+// factors from the source instead of the layers' own adapters, so that adapters can be published and
+// withdrawn by other threads while batches run (docs/CONVENTIONS.md §registry).
 #pragma once
 
+#include <memory>
 #include <string>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -28,6 +34,39 @@ inline constexpr const char* base_adapter = "__base__";
 enum class missing_adapter {
   error,  ///< name_error: the name is unknown (the default for a single layer: a typo is not silent)
   base,   ///< the rows run the base alone in that layer (models, where adapters cover some modules only)
+};
+
+template <typename Scalar_>
+class linear;
+
+/// The factors a routed group applies on one layer part: Y[R] += s · (X[R] Aᵀ) Bᵀ, A r x in, B out x r.
+template <typename Scalar>
+struct routed_factors {
+  matrix<Scalar> a;  // r x in
+  matrix<Scalar> b;  // out x r
+  Scalar scaling = Scalar(1);
+};
+
+/// Adapters held outside the layers, bound to one routing (io/adapter_registry.hpp makes them). For group
+/// g of that routing and a layer part, the factors to apply there, or none when g's adapter has no module
+/// on that part (the rows then run the base alone in it). Immutable while bound: readers share it freely.
+class adapter_source {
+ public:
+  virtual ~adapter_source() = default;
+  /// The factors of group `group` on `part`, or null; dtype_error when the source holds another Scalar.
+  template <typename Scalar>
+  const routed_factors<Scalar>* find(std::size_t group, const linear<Scalar>& part) const {
+    if (scalar_type() != typeid(Scalar))
+      throw dtype_error(std::string("adapter_source: the adapters are ") + scalar_type().name() +
+                        ", the layer computes in " + typeid(Scalar).name());
+    return static_cast<const routed_factors<Scalar>*>(find_erased(group, &part));
+  }
+  /// Groups the source was bound for (the routing's groups().size()).
+  virtual std::size_t groups() const noexcept = 0;
+
+ protected:
+  virtual const std::type_info& scalar_type() const noexcept = 0;
+  virtual const void* find_erased(std::size_t group, const void* part) const = 0;
 };
 
 class adapter_routing {
@@ -66,6 +105,13 @@ class adapter_routing {
   /// True when a name means the base alone.
   static bool is_base(const std::string& name) noexcept { return name.empty() || name == base_adapter; }
 
+  /// Binds adapters held outside the layers (one entry per group, in groups() order; shape_error
+  /// otherwise); null unbinds. The routing shares ownership: what it names stays alive while it lives.
+  void bind(std::shared_ptr<const adapter_source> source);
+  /// The bound source, or null (the layers' own adapters serve the groups).
+  const adapter_source* source() const noexcept { return m_source.get(); }
+  const std::shared_ptr<const adapter_source>& shared_source() const noexcept { return m_source; }
+
  private:
   void add_row(const std::string& name, double scale);
   void finish();
@@ -73,6 +119,7 @@ class adapter_routing {
   index m_rows = 0;
   std::vector<group> m_groups;
   missing_adapter m_missing = missing_adapter::error;
+  std::shared_ptr<const adapter_source> m_source;
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -127,6 +174,13 @@ inline void adapter_routing::finish() {
   }
 }
 
+inline void adapter_routing::bind(std::shared_ptr<const adapter_source> source) {
+  if (source && source->groups() != m_groups.size())
+    throw shape_error("adapter_routing::bind: the source was made for " + std::to_string(source->groups()) +
+                      " adapter groups, the routing has " + std::to_string(m_groups.size()));
+  m_source = std::move(source);
+}
+
 inline adapter_routing adapter_routing::repeat_rows(index times) const {
   adapter_routing r;
   repeat_rows(times, r);
@@ -136,6 +190,7 @@ inline adapter_routing adapter_routing::repeat_rows(index times) const {
 inline void adapter_routing::repeat_rows(index times, adapter_routing& out) const {
   if (times < 1) throw shape_error("adapter_routing::repeat_rows: expected times >= 1, got " + std::to_string(times));
   out.m_missing = m_missing;
+  out.m_source = m_source;  // the groups keep their order, so the source's entries still match
   out.m_rows = m_rows * times;
   out.m_groups.resize(m_groups.size());
   for (std::size_t i = 0; i < m_groups.size(); ++i) {

@@ -299,9 +299,9 @@ void embedding<Scalar>::infer(const id_list& ids, const adapter_routing& routing
   const bool transposed = m_table.weight_is_transposed();
   detail::gather_rows(w.data(), transposed ? 1 : w.outerStride(), transposed ? w.outerStride() : 1, ids, y);
   if (m_table.core_disabled()) return;
-  m_table.add_routed_terms(routing, y, ws, [&](const adapter_type& a, const adapter_routing::group& g, auto& h) {
+  m_table.add_routed_terms(routing, y, ws, [&](const matrix_type& a, const adapter_routing::group& g, auto& h) {
     for (std::size_t k = 0; k < g.rows.size(); ++k)  // H = (A[:, ids[R]])ᵀ
-      h.row(static_cast<index>(k)) = a.a().col(ids[static_cast<std::size_t>(g.rows[k])]).transpose();
+      h.row(static_cast<index>(k)) = a.col(ids[static_cast<std::size_t>(g.rows[k])]).transpose();
   });
 }
 

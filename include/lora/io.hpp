@@ -10,6 +10,7 @@
 //   lora::io::gguf_file, gguf_writer, read_gguf_lora, merge_gguf                llama.cpp's GGUF
 #pragma once
 
+#include "io/adapter_registry.hpp"
 #include "io/atomic_file.hpp"
 #include "io/checkpoint.hpp"
 #include "io/gguf.hpp"

@@ -101,6 +101,32 @@ class layer_base {
   template <typename DA, typename DB>
   void set_factors(const std::string& name, index part, const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b);
 
+  /// PEFT's hotswap_adapter on one layer: adapter `name` takes factors A (r' x in), B (out x r') and the
+  /// scaling of `config` (rank r', alpha, use_rslora), in place when r' <= its stored rank (zeroed, then A
+  /// fills the leading rows and B the leading columns; prepare_for_hotswap pads ahead), else grown. Its
+  /// name, active state and dropout stream stay. name_error if unknown; state_error while merged (W holds
+  /// the old adapter); config_error for DoRA on either side or a use_rslora / dropout that differs (PEFT's
+  /// rule); shape_error for factors of other shapes. Returns true when done without reallocating.
+  template <typename DA, typename DB>
+  bool hotswap_adapter(const std::string& name, const adapter_config& config, const Eigen::MatrixBase<DA>& a,
+                       const Eigen::MatrixBase<DB>& b);
+  /// The same on part i of a multi-part layer.
+  template <typename DA, typename DB>
+  bool hotswap_adapter(const std::string& name, index part, const adapter_config& config,
+                       const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b);
+  /// PEFT's prepare_model_for_compiled_hotswap on one layer: zero-pads every adapter to rank `target_rank`
+  /// (A rows, B columns; outputs and scalings unchanged), so that hot-swaps up to that rank run in place.
+  /// config_error if target_rank is below an adapter's rank; state_error while any adapter is merged.
+  /// Parameter views and optimizer state taken before are invalidated.
+  void prepare_for_hotswap(index target_rank);
+
+  /// Part i's engine: the lora::linear holding its adapters, e.g. to key adapters kept outside the layer
+  /// (io/adapter_registry.hpp). shape_error unless part i takes adapters.
+  const linear<Scalar>& adapted_part(index part) const {
+    check_part(part);
+    return derived().part(part);
+  }
+
   /// Makes exactly these adapters active (their outputs add up). Merged adapters are always in effect and
   /// must stay in the active set.
   void set_active(const std::vector<std::string>& names);
@@ -637,6 +663,7 @@ void layer_base<Derived, Scalar>::check_routing(const adapter_routing& routing, 
     throw state_error(derived().where() + ": a batch routed to adapters cannot run while adapters are merged (" +
                       names + "): W holds them for every row; unmerge() first");
   }
+  if (routing.source() != nullptr) return;  // names, DoRA: checked when the source was made and bound
   for (const auto& g : routing.groups()) {
     const adapter_type* a = find(g.adapter);
     if (a == nullptr) {
@@ -659,3 +686,5 @@ parameter_report layer_base<Derived, Scalar>::report() const {
 }
 
 }  // namespace lora
+
+#include "detail/layer_hotswap.hpp"

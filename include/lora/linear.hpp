@@ -218,6 +218,10 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   adapter_type& core_add(const std::string& name, const adapter_config& config, const std::string& label);
   template <typename DA, typename DB>
   void core_set_factors(const std::string& name, const DA& a, const DB& b, const vector_type* magnitude);
+  /// adapter::swap_in on adapter `name` (known); true when done in place.
+  template <typename DA, typename DB>
+  bool core_hotswap(const std::string& name, const DA& a, const DB& b, const adapter_config& config);
+  void core_pad_rank(const std::string& name, index rank);
   void core_remove(const std::string& name);
   void core_set_active(const std::vector<std::string>& names);
   void core_set_disabled(bool disabled);
@@ -279,7 +283,7 @@ class linear : public layer_base<linear<Scalar_>, Scalar_> {
   /// skipped (a multi-part layer checked them against its reference part).
   void run_infer_routed(const detail::input_cache<Scalar>& x, const adapter_routing& routing, Eigen::Ref<matrix_type> y,
                         inference_workspace<Scalar>& ws) const;
-  /// Adds each routed adapter's term to y: h_of(adapter, group, H) writes H (rows x r) for the group's rows
+  /// Adds each routed adapter's term to y: h_of(A, group, H) writes H (rows x r) for the group's rows
   /// (X[R] Aᵀ for a dense layer, A[:, ids[R]]ᵀ for an embedding); then H is scaled and H Bᵀ added to y[R].
   template <typename HOf>
   void add_routed_terms(const adapter_routing& routing, Eigen::Ref<matrix_type> y, inference_workspace<Scalar>& ws,

@@ -86,6 +86,20 @@ void linear<Scalar>::core_set_factors(const std::string& name, const DA& a, cons
 }
 
 template <typename Scalar>
+template <typename DA, typename DB>
+bool linear<Scalar>::core_hotswap(const std::string& name, const DA& a, const DB& b, const adapter_config& config) {
+  const bool in_place = core_find(name)->swap_in(a, b, config);
+  invalidate_cache();
+  return in_place;
+}
+
+template <typename Scalar>
+void linear<Scalar>::core_pad_rank(const std::string& name, index rank) {
+  core_find(name)->pad_rank(rank);
+  invalidate_cache();
+}
+
+template <typename Scalar>
 void linear<Scalar>::core_remove(const std::string& name) {
   m_active.erase(std::remove(m_active.begin(), m_active.end(), name), m_active.end());
   m_adapters.remove_if([&](const adapter_type& x) { return x.m_name == name; });

@@ -6,7 +6,8 @@
 //   H ← s_a · diag(c[R]) H
 //   Y[R] += H Bᵀ         (m x out: added in place when consecutive, else computed then scattered)
 // The rows of different adapters never meet in a product, so row i equals infer() of row i alone with its
-// adapter active, up to the order of float additions inside the products.
+// adapter active, up to the order of float additions inside the products. A routing bound to an
+// adapter_source takes each group's (A, B, s) from the source instead of the layer's own adapters.
 #pragma once
 
 #include "../linear.hpp"
@@ -45,16 +46,16 @@ void linear<Scalar>::run_infer_routed(const detail::input_cache<Scalar>& view, c
     base_product(x, y, ws.quant);  // the base alone for every row: no DoRA gain, nothing merged (checked)
     if (has_bias()) y.rowwise() += m_bias.transpose();
     if (m_disabled) return;  // disable_adapters() wins over the routing, as in PEFT
-    add_routed_terms(routing, y, ws, [&](const adapter_type& a, const adapter_routing::group& g, auto& h) {
+    add_routed_terms(routing, y, ws, [&](const matrix_type& a, const adapter_routing::group& g, auto& h) {
       const auto m = static_cast<index>(g.rows.size());
       if (g.first >= 0) {
-        h.noalias() = x.middleRows(g.first, m) * a.m_a.transpose();
+        h.noalias() = x.middleRows(g.first, m) * a.transpose();
         return;
       }
       if (ws.rows_in.size() < static_cast<std::size_t>(m * m_in)) ws.rows_in.resize(static_cast<std::size_t>(m * m_in));
       Eigen::Map<matrix_type> xg(ws.rows_in.data(), m, m_in);  // X[R]
       xg = x(detail::rows_of(g), Eigen::all);  // column by column: each column of X read in row order, not row by row
-      h.noalias() = xg * a.m_a.transpose();
+      h.noalias() = xg * a.transpose();
     });
   });
 }
@@ -63,23 +64,35 @@ template <typename Scalar>
 template <typename HOf>
 void linear<Scalar>::add_routed_terms(const adapter_routing& routing, Eigen::Ref<matrix_type> y,
                                       inference_workspace<Scalar>& ws, HOf&& h_of) const {
-  for (const auto& g : routing.groups()) {
-    const adapter_type* a = core_find(g.adapter);
-    if (a == nullptr) continue;  // checked by the layer: missing_adapter::base, or a part without adapters
-    const auto m = static_cast<index>(g.rows.size()), r = a->rank();
+  const adapter_source* source = routing.source();
+  const auto& groups = routing.groups();
+  for (std::size_t gi = 0; gi < groups.size(); ++gi) {
+    const adapter_routing::group& g = groups[gi];
+    const matrix_type *fa = nullptr, *fb = nullptr;  // A (r x in), B (out x r)
+    Scalar s{};
+    if (source != nullptr) {
+      const routed_factors<Scalar>* f = source->find<Scalar>(gi, *this);
+      if (f == nullptr) continue;  // the adapter has no module on this part
+      fa = &f->a, fb = &f->b, s = f->scaling;
+    } else {
+      const adapter_type* a = core_find(g.adapter);
+      if (a == nullptr) continue;  // checked by the layer: missing_adapter::base, or a part without adapters
+      fa = &a->m_a, fb = &a->m_b, s = a->m_scaling;
+    }
+    const auto m = static_cast<index>(g.rows.size()), r = fa->rows();
     if (ws.buffer.size() < static_cast<std::size_t>(m * r)) ws.buffer.resize(static_cast<std::size_t>(m * r));
     Eigen::Map<matrix_type> h(ws.buffer.data(), m, r);
-    h_of(*a, g, h);  // H = X[R] Aᵀ   (m x r)
-    h *= a->m_scaling;
+    h_of(*fa, g, h);  // H = X[R] Aᵀ   (m x r)
+    h *= s;
     for (std::size_t k = 0; k < g.scales.size(); ++k) h.row(static_cast<index>(k)) *= static_cast<Scalar>(g.scales[k]);
     if (g.first >= 0) {
-      y.middleRows(g.first, m).noalias() += h * a->m_b.transpose();  // Y[R] += (s c H) Bᵀ
+      y.middleRows(g.first, m).noalias() += h * fb->transpose();  // Y[R] += (s c H) Bᵀ
       continue;
     }
     if (ws.rows_out.size() < static_cast<std::size_t>(m * m_out))
       ws.rows_out.resize(static_cast<std::size_t>(m * m_out));
     Eigen::Map<matrix_type> yg(ws.rows_out.data(), m, m_out);
-    yg.noalias() = h * a->m_b.transpose();
+    yg.noalias() = h * fb->transpose();
     y(detail::rows_of(g), Eigen::all) += yg;  // scatter-add, column by column
   }
 }

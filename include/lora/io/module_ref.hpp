@@ -56,6 +56,12 @@ class module_ref {
   void check(const peft_module& m, const adapter_config& c, const std::string& where, const std::string& name) const;
   /// Adds adapter `name` with the factors of `m` (checked by check() before).
   void attach(const peft_module& m, const adapter_config& c, const std::string& name) const;
+  /// What attach() would add, held outside the layer: for each part that takes adapters, the part and
+  /// the factors and scaling it would get (io/adapter_registry.hpp). `m` checked by check() before;
+  /// config_error for a DoRA module (a routed batch cannot serve one).
+  std::vector<std::pair<const linear<Scalar>*, routed_factors<Scalar>>> detach(const peft_module& m,
+                                                                               const adapter_config& c,
+                                                                               const std::string& where) const;
   void remove(const std::string& name) const {
     std::visit([&](auto* p) { p->remove_adapter(name); }, m_layer);
   }
@@ -202,7 +208,8 @@ void module_ref<Scalar>::check(const peft_module& m, const adapter_config& c, co
   if (m.a.rows() != m.b.cols() || m.a.rows() != c.rank)
     throw shape_error(detail::cat(where, ": A has rank ", m.a.rows(), ", B has rank ", m.b.cols(),
                                   " and the config gives r = ", c.rank));
-  if (has_adapter(name)) throw name_error(detail::cat(where, ": the layer already has an adapter named '", name, "'"));
+  if (!name.empty() && has_adapter(name))  // empty: adapters held outside the layer, whose names are not its own
+    throw name_error(detail::cat(where, ": the layer already has an adapter named '", name, "'"));
   lora::validate(c, where);
   std::visit(
       [&](auto* p) {
@@ -248,6 +255,28 @@ void module_ref<Scalar>::attach(const peft_module& m, const adapter_config& conf
         }
       },
       m_layer);
+}
+
+template <typename Scalar>
+std::vector<std::pair<const linear<Scalar>*, routed_factors<Scalar>>> module_ref<Scalar>::detach(
+    const peft_module& m, const adapter_config& c, const std::string& where) const {
+  if (m.magnitude.size() != 0)
+    throw config_error(detail::cat(where,
+                                   ": a DoRA module (lora_magnitude_vector) rescales the base output "
+                                   "that a routed batch shares; it cannot be served from a registry"));
+  const auto s = static_cast<Scalar>(scaling_of(c));
+  const matrix<Scalar> a = m.a.template cast<Scalar>(), b = m.b.template cast<Scalar>();
+  std::vector<std::pair<const linear<Scalar>*, routed_factors<Scalar>>> out;
+  if (const auto* const* fused = std::get_if<merged_linear<Scalar>*>(&m_layer)) {
+    const merged_linear<Scalar>& f = **fused;  // as attach: every enabled slice i gets A and B's rows of i
+    for (index i = 0; i < f.num_slices(); ++i)
+      if (f.enable_lora()[static_cast<std::size_t>(i)])
+        out.emplace_back(&f.adapted_part(i),
+                         routed_factors<Scalar>{a, b.middleRows(i * f.slice_features(), f.slice_features()), s});
+    return out;
+  }
+  std::visit([&](const auto* p) { out.emplace_back(&p->adapted_part(0), routed_factors<Scalar>{a, b, s}); }, m_layer);
+  return out;
 }
 
 }  // namespace lora::io

@@ -159,6 +159,7 @@ struct attach_step {
 };
 
 /// Phase 1 of attach: matches every module to a layer and checks it; nothing changes.
+/// An empty adapter_name plans adapters held outside the layers (no name to collide with theirs).
 template <typename S>
 std::vector<attach_step<S>> plan_attach(const peft_adapter& adapter,
                                         const std::vector<std::pair<std::string, module_ref<S>>>& layers,
@@ -181,7 +182,6 @@ std::vector<attach_step<S>> plan_attach(const peft_adapter& adapter,
     layer.check(m, c, where, adapter_name);
     plan.push_back(attach_step<S>{layer, &m, c});
   }
-  if (adapter_name.empty()) throw name_error("attach: adapter names must be non-empty");
   return plan;
 }
 
@@ -244,6 +244,7 @@ template <typename Layers>
 void attach(const peft_adapter& adapter, const Layers& layers, const std::string& adapter_name) {
   static_assert(!std::is_const_v<std::remove_pointer_t<detail::layer_pointer_of<Layers>>>,
                 "attach takes pairs of (module path, non-const pointer to a LoRA layer)");
+  if (adapter_name.empty()) throw name_error("attach: adapter names must be non-empty");
   const auto plan = detail::plan_attach(adapter, detail::module_refs(layers, "attach"), adapter_name);
   // Phase 2: add. Only allocation can fail now; undo what was added if it does.
   std::size_t done = 0;
