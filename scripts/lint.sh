@@ -8,7 +8,8 @@
 #      checks of .clang-tidy that the headers pass today (naming, definitions in headers, nullptr,
 #      override, unused using-declarations), on tests/lint_all_headers.cpp: the one translation unit that
 #      includes every header, so each function of include/ is seen once (templates too, instantiated or
-#      not), compiled with the flags of a unit test from compile_commands.json.
+#      not), compiled with the flags of a unit test from compile_commands.json; the MPI headers under
+#      include/lora/dist/ in tests/mpi/lint_dist_headers.cpp, with mpicxx's flags added.
 # Runs every check, then exits 1 if any failed. Installs clang-format, clang-tidy and python3 through setup.sh.
 # The flags come from build/lint, configured here (tests on, nothing built), or from the existing
 # compile_commands.json of LORA_LINT_BUILD_DIR (e.g. build/release), which is then left alone.
@@ -16,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 scripts/setup.sh clang-format clang-tidy python3  # python3 reads compile_commands.json and clang-tidy output
+# (setup.sh also installs OpenMPI, whose mpicxx gives the flags of include/lora/dist/.)
 
 max_header_lines=${LORA_LINT_MAX_HEADER_LINES:-700}
 build=${LORA_LINT_BUILD_DIR:-build/lint}
@@ -57,11 +59,14 @@ offenders "$report/long_headers" "header length" \
 # --- 3. clang-tidy: function size and cognitive complexity ------------------------------------------
 echo "--- clang-tidy (function size and cognitive complexity; naming, definitions in headers)"
 tu=tests/lint_all_headers.cpp
-# The translation unit must include every header, or a new header would escape the check.
+# MPI's headers are needed by include/lora/dist/ only: those are checked in a second translation unit,
+# compiled with the flags of mpicxx.
+mpi_tu=tests/mpi/lint_dist_headers.cpp
+# The translation units must include every header, or a new header would escape the check.
 find include -type f -name '*.hpp' | sed 's|^include/||' | LC_ALL=C sort >"$report/headers"
-sed -n 's|^#include <\(lora/.*\.hpp\)>$|\1|p' "$tu" | LC_ALL=C sort >"$report/included"
+sed -n 's|^#include <\(lora/.*\.hpp\)>$|\1|p' "$tu" "$mpi_tu" | LC_ALL=C sort >"$report/included"
 LC_ALL=C comm -23 "$report/headers" "$report/included" >"$report/not_included"
-offenders "$report/not_included" "$tu" "$tu does not include (add an #include line for each):"
+offenders "$report/not_included" "$tu" "$tu and $mpi_tu do not include (add an #include line for each):"
 
 # Compiler flags of a unit test (include paths, macros, standard), without its warnings, PCH or -march.
 if [ -z "${LORA_LINT_BUILD_DIR:-}" ]; then
@@ -103,6 +108,13 @@ clang-tidy --quiet --checks="$checks" --header-filter='include/lora/.*' "$tu" --
   echo "clang-tidy could not analyse $tu:"
   cat "$report/tidy.err" "$report/tidy.out"
   failed+=("clang-tidy: did not run")
+}
+mapfile -t mpi_flags < <(mpicxx --showme:compile | tr ' ' '\n' | grep -v '^$')
+clang-tidy --quiet --checks="$checks" --header-filter='include/lora/.*' "$mpi_tu" -- "${flags[@]}" "${mpi_flags[@]}" \
+  -DOMPI_SKIP_MPICXX -Wno-unknown-warning-option >>"$report/tidy.out" 2>"$report/tidy_mpi.err" || {
+  echo "clang-tidy could not analyse $mpi_tu:"
+  cat "$report/tidy_mpi.err"
+  failed+=("clang-tidy: did not run on $mpi_tu")
 }
 # One line per offender: file:line: function: what exceeds which threshold (or: the other check's message).
 python3 - "$report/tidy.out" >"$report/functions" <<'EOF'

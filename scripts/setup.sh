@@ -14,6 +14,7 @@ lora_packages=(
   zlib1g-dev               # reading Fashion-MNIST's .gz files in the examples
   dataset-fashion-mnist    # the real data the flagship example trains on
   gnuplot-nox              # plots rendered from the example's JSON output
+  openmpi-bin libopenmpi-dev  # <lora/dist/mpi.hpp>: data-parallel training; its tests run under mpirun
 )
 lora_packages+=("$@")
 
