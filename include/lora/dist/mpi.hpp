@@ -10,9 +10,9 @@
 //   save_checkpoint        rank 0 writes atomically; load_checkpoint on every rank, any number of ranks
 #pragma once
 
-#include "detail/checkpoint.hpp"
-#include "detail/collectives.hpp"
-#include "detail/context.hpp"
-#include "detail/data_parallel.hpp"
-#include "detail/reducer.hpp"
-#include "detail/shard.hpp"
+#include "checkpoint.hpp"
+#include "collectives.hpp"
+#include "context.hpp"
+#include "data_parallel.hpp"
+#include "reducer.hpp"
+#include "shard.hpp"

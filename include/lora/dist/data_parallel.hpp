@@ -1,4 +1,4 @@
-// lora/dist/detail/data_parallel.hpp: one optimizer step of data-parallel training: gradient
+// lora/dist/data_parallel.hpp: one optimizer step of data-parallel training: gradient
 // accumulation over micro-batches, one reduction per window, then the step guard (non-finite check,
 // clipping on the reduced gradients) and the optimizer, identically on every rank. Part of
 // <lora/dist/mpi.hpp>; docs/dist.md §training.
@@ -19,8 +19,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../../optim/grad_accumulator.hpp"
-#include "../../optim/step_guard.hpp"
+#include "../optim/grad_accumulator.hpp"
+#include "../optim/step_guard.hpp"
 #include "collectives.hpp"
 #include "reducer.hpp"
 #include "shard.hpp"

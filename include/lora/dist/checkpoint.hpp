@@ -1,4 +1,4 @@
-// lora/dist/detail/checkpoint.hpp: checkpoints of data-parallel training. Part of <lora/dist/mpi.hpp>;
+// lora/dist/checkpoint.hpp: checkpoints of data-parallel training. Part of <lora/dist/mpi.hpp>;
 // docs/dist.md §checkpoints.
 //
 // Rank 0 alone writes, through io::save_checkpoint (a temporary file fsynced and renamed over the
@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "../../io/checkpoint.hpp"
+#include "../io/checkpoint.hpp"
 #include "collectives.hpp"
 #include "context.hpp"
 

@@ -1,4 +1,4 @@
-// lora/dist/detail/collectives.hpp: the small collectives of data-parallel training: agreement checks,
+// lora/dist/collectives.hpp: the small collectives of data-parallel training: agreement checks,
 // broadcast of the initial parameters from rank 0, "any rank non-finite", a summed scalar. Part of
 // <lora/dist/mpi.hpp>. Every wait is bounded (mpi_context::wait).
 #pragma once
@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "../../optim/clip.hpp"
-#include "../../optim/optimizer.hpp"
-#include "../../parameter.hpp"
+#include "../optim/clip.hpp"
+#include "../optim/optimizer.hpp"
+#include "../parameter.hpp"
 #include "context.hpp"
 
 namespace lora::dist {

@@ -1,4 +1,4 @@
-// lora/dist/detail/context.hpp: the MPI communicator that data-parallel training runs over, and how it
+// lora/dist/context.hpp: the MPI communicator that data-parallel training runs over, and how it
 // fails. Part of <lora/dist/mpi.hpp>; docs/dist.md describes the conventions.
 //
 // mpi_context owns a duplicate of the communicator it is given (MPI_COMM_WORLD by default), so the
@@ -22,7 +22,7 @@
 #include <thread>
 #include <type_traits>
 
-#include "../../error.hpp"
+#include "../error.hpp"
 
 namespace lora::dist {
 

@@ -1,4 +1,4 @@
-// lora/dist/detail/reducer.hpp: gradient averaging over ranks, overlapped with backward. Part of
+// lora/dist/reducer.hpp: gradient averaging over ranks, overlapped with backward. Part of
 // <lora/dist/mpi.hpp>; docs/dist.md §buckets.
 //
 // Buckets: the parameters, taken in reverse order (backward finishes the last layers first), are cut
@@ -35,8 +35,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "../../optim/optimizer.hpp"
-#include "../../parameter.hpp"
+#include "../optim/optimizer.hpp"
+#include "../parameter.hpp"
 #include "collectives.hpp"
 #include "context.hpp"
 

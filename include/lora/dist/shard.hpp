@@ -1,4 +1,4 @@
-// lora/dist/detail/shard.hpp: which samples of a global batch each rank computes. Needs no MPI (part of
+// lora/dist/shard.hpp: which samples of a global batch each rank computes. Needs no MPI (part of
 // <lora/dist/mpi.hpp>; docs/dist.md §sharding).
 //
 // Rule: rank r of S takes a contiguous block of the N global samples. With q = N / S and e = N % S,
@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "../../error.hpp"
+#include "../error.hpp"
 
 namespace lora::dist {
 
