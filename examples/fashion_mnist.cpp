@@ -490,7 +490,7 @@ struct train_stats {
 };
 
 /// One minibatch's step. In a single process: forward, backward and the guarded step on all `count` rows.
-/// Data parallel over MPI (docs/dist.md §examples): this rank's shard of the rows, weighted by its share of
+/// Data parallel over MPI (docs/CONVENTIONS.md §dist): this rank's shard of the rows, weighted by its share of
 /// the minibatch, one gradient reduction, the guarded step on every rank alike. Returns the minibatch's
 /// mean loss (over all its rows, on every rank).
 template <typename Model>
@@ -953,7 +953,8 @@ nlohmann::ordered_json check_saved_adapter(const base_mlp& base, const fashion_m
 // ---------------------------------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
-  ex::start_dist(&argc, &argv);  // under mpirun with several ranks only: data-parallel training (docs/dist.md)
+  ex::start_dist(&argc,
+                 &argv);  // under mpirun with several ranks only: data-parallel training (docs/CONVENTIONS.md §dist)
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each line as it comes, through pipes too
   const options o = parse_options(argc, argv);
   try {

@@ -1,5 +1,5 @@
 // examples/common/dist.hpp: what gpt2_finetune and fashion_mnist need to run under mpirun unchanged
-// (docs/dist.md §examples).
+// (docs/CONVENTIONS.md §dist).
 //
 // A program calls start_dist(&argc, &argv) first thing in main. Only when it was launched by an MPI
 // launcher with more than one rank (OMPI_COMM_WORLD_SIZE from OpenMPI's mpirun, PMI_SIZE from MPICH's

@@ -1,5 +1,5 @@
 # ctest mpi.gpt2_finetune: `gpt2_finetune finetune` under mpirun trains the adapter of one process
-# (docs/dist.md §examples). At the smoke test's tiny size (a 2-layer base pretrained here on TRAIN):
+# (docs/CONVENTIONS.md §dist). At the smoke test's tiny size (a 2-layer base pretrained here on TRAIN):
 #   - np 2, 5 sequences per batch (shards of 3 and 2) against a plain run;
 #   - np 3, 2 sequences per micro-batch and 2 micro-batches per step (rank 2's shard is empty) against a plain run;
 #   - np 2 stopped after 6 steps with a checkpoint, resumed on 3 ranks, against the plain uninterrupted run;

@@ -15,7 +15,7 @@ namespace dist = lora::dist;
 
 template <typename Scalar>
 constexpr double tolerance() {
-  return sizeof(Scalar) == 8 ? 1e-10 : 1e-6;  // float: see docs/dist.md §tests
+  return sizeof(Scalar) == 8 ? 1e-10 : 1e-6;  // float: see docs/CONVENTIONS.md §dist
 }
 
 template <typename Scalar>

@@ -1,5 +1,5 @@
 // lora/dist/checkpoint.hpp: checkpoints of data-parallel training. Part of <lora/dist/mpi.hpp>;
-// docs/dist.md §checkpoints.
+// docs/CONVENTIONS.md §dist.
 //
 // Rank 0 alone writes, through io::save_checkpoint (a temporary file fsynced and renamed over the
 // target), then tells every rank the outcome; no rank returns before the file is complete, and a failure

@@ -1,5 +1,5 @@
 // lora/dist/context.hpp: the MPI communicator that data-parallel training runs over, and how it
-// fails. Part of <lora/dist/mpi.hpp>; docs/dist.md describes the conventions.
+// fails. Part of <lora/dist/mpi.hpp>; docs/CONVENTIONS.md §dist describes the conventions.
 //
 // mpi_context owns a duplicate of the communicator it is given (MPI_COMM_WORLD by default), so the
 // library's collectives never match a user's, and sets MPI_ERRORS_RETURN on it: every MPI call is checked

@@ -1,7 +1,7 @@
 // lora/dist/data_parallel.hpp: one optimizer step of data-parallel training: gradient
 // accumulation over micro-batches, one reduction per window, then the step guard (non-finite check,
 // clipping on the reduced gradients) and the optimizer, identically on every rank. Part of
-// <lora/dist/mpi.hpp>; docs/dist.md §training.
+// <lora/dist/mpi.hpp>; docs/CONVENTIONS.md §dist.
 //
 // It plays the role that optim::grad_accumulator plays in one process, with the same contract: every
 // accumulate() call leaves the gradients at zero, and a window of k micro-batches with reduction::mean

@@ -1,5 +1,5 @@
 // lora/dist/mpi.hpp: data-parallel adapter training over MPI (opt-in: needs <mpi.h> and linking MPI;
-// <lora/lora.hpp> stays Eigen-only). Conventions: docs/dist.md.
+// <lora/lora.hpp> stays Eigen-only). Conventions: docs/CONVENTIONS.md §dist.
 //
 //   mpi_context            the communicator (a duplicate, MPI_ERRORS_RETURN), bounded waits, abort
 //   run_or_abort           an exception on one rank aborts the whole job instead of hanging the others

@@ -1,5 +1,5 @@
 // lora/dist/reducer.hpp: gradient averaging over ranks, overlapped with backward. Part of
-// <lora/dist/mpi.hpp>; docs/dist.md §buckets.
+// <lora/dist/mpi.hpp>; docs/CONVENTIONS.md §dist.
 //
 // Buckets: the parameters, taken in reverse order (backward finishes the last layers first), are cut
 // into runs of consecutive parameters of at most bucket_bytes each (a larger parameter is a bucket of its

@@ -1,5 +1,5 @@
 // lora/dist/shard.hpp: which samples of a global batch each rank computes. Needs no MPI (part of
-// <lora/dist/mpi.hpp>; docs/dist.md §sharding).
+// <lora/dist/mpi.hpp>; docs/CONVENTIONS.md §dist).
 //
 // Rule: rank r of S takes a contiguous block of the N global samples. With q = N / S and e = N % S,
 // ranks 0..e-1 take q + 1 samples and the others q; rank r starts at r*q + min(r, e). Concatenating the
