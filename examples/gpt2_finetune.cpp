@@ -1310,8 +1310,8 @@ int run_study(const std::vector<std::string>& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  ex::start_dist(&argc,
-                 &argv);  // under mpirun with several ranks only: data-parallel training (docs/CONVENTIONS.md §dist)
+  // Under mpirun with several ranks only: data-parallel training (docs/CONVENTIONS.md §dist).
+  ex::start_dist(&argc, &argv);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   if (argc < 2) {
     std::fputs(kUsage, stderr);
