@@ -53,6 +53,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/dist.hpp"
 #include "common/domains.hpp"
 #include "common/idx.hpp"
 #include "common/nn.hpp"
@@ -485,6 +486,72 @@ struct train_stats {
   double seconds_per_epoch = 0;
   std::int64_t trainable_params = 0;
   std::int64_t train_state_bytes = 0;  ///< parameters + gradients + Adam's exp_avg and exp_avg_sq
+  ex::comm_report comm;                ///< the gradient reduction's cost (data parallel over MPI only)
+};
+
+/// One minibatch's step. In a single process: forward, backward and the guarded step on all `count` rows.
+/// Data parallel over MPI (docs/CONVENTIONS.md §dist): this rank's shard of the rows, weighted by its share of
+/// the minibatch, one gradient reduction, the guarded step on every rank alike. Returns the minibatch's
+/// mean loss (over all its rows, on every rank).
+template <typename Model>
+class minibatch_stepper {
+ public:
+  minibatch_stepper(Model& model, lora::optim::step_guard<float>& guard) : m_model(model), m_guard(guard) {
+#ifdef LORA_WITH_MPI
+    // The model's backward is one call over all its layers: every parameter is marked ready at the end.
+    if (ex::dist_context() != nullptr)
+      m_dp = std::make_unique<lora::dist::data_parallel<float>>(*ex::dist_context(), guard);
+#endif
+  }
+
+  double step(const labelled& data, const lora::index* rows, lora::index count) {
+    lora::index first = 0, local = count;
+#ifdef LORA_WITH_MPI
+    if (m_dp) {
+      const auto shard =
+          lora::dist::shard(static_cast<std::size_t>(count), ex::dist_context()->rank(), ex::dist_context()->size());
+      m_dp->begin_micro_batch(shard);
+      first = static_cast<lora::index>(shard.begin);
+      local = static_cast<lora::index>(shard.size());
+    }
+#endif
+    double loss = 0;
+    m_guard.wrapped().zero_grad();
+    if (local > 0) {  // an empty shard still makes every call of the reduction, with weight 0
+      ex::gather_rows(data.x, rows + first, local, m_xb);
+      ex::gather_labels(data.y, rows + first, local, m_yb);
+      loss = ex::softmax_cross_entropy_forward(m_model.forward(m_xb), m_yb, m_probs);
+      ex::softmax_cross_entropy_backward(m_probs, m_yb, m_dlogits);
+      m_model.backward(m_dlogits);
+    }
+#ifdef LORA_WITH_MPI
+    if (m_dp) {
+      m_dp->accumulate(loss);
+      return m_dp->last_loss();
+    }
+#endif
+    m_guard.step(loss);
+    return loss;
+  }
+
+  /// The reduction's cost so far (ranks 1 in a single process).
+  ex::comm_report comm(double train_seconds) const {
+#ifdef LORA_WITH_MPI
+    if (m_dp) return ex::report_of(*m_dp, train_seconds);
+#endif
+    ex::comm_report c;
+    c.train_seconds = train_seconds;
+    return c;
+  }
+
+ private:
+  Model& m_model;
+  lora::optim::step_guard<float>& m_guard;
+  mat m_xb, m_probs, m_dlogits;
+  std::vector<int> m_yb;
+#ifdef LORA_WITH_MPI
+  std::unique_ptr<lora::dist::data_parallel<float>> m_dp;
+#endif
 };
 
 /// Adam on softmax cross-entropy over (data.x, data.y), c.epochs epochs of shuffled minibatches.
@@ -494,29 +561,25 @@ train_stats train(Model& model, const labelled& data, const train_config& c) {
   lora::optim::adam_options adam;
   adam.lr = c.lr;
   lora::optim::adam<float> opt(params, adam);
-  lora::optim::step_guard<float> guard(opt);  // a non-finite loss or gradient stops the run, not the model
+  lora::optim::step_guard<float> guard(opt);       // a non-finite loss or gradient stops the run, not the model
+  minibatch_stepper<Model> stepper(model, guard);  // over MPI: broadcasts rank 0's parameters
   ex::minibatches batches(data.x.rows(), c.batch, c.seed);
-  ex::progress_bar bar(c.quiet);
-  mat xb, probs, dlogits;
-  std::vector<int> yb;
+  ex::progress_bar bar(c.quiet || !ex::is_root());
   const auto start = std::chrono::steady_clock::now();
   for (int epoch = 1; epoch <= c.epochs; ++epoch) {
     batches.shuffle();
     bar.begin(ex::cat(c.label, " epoch ", epoch, "/", c.epochs), batches.count());
     for (lora::index k = 0; k < batches.count(); ++k) {
-      ex::gather_rows(data.x, batches.rows(k), batches.size(k), xb);
-      ex::gather_labels(data.y, batches.rows(k), batches.size(k), yb);
-      const double loss = ex::softmax_cross_entropy_forward(model.forward(xb), yb, probs);
-      ex::softmax_cross_entropy_backward(probs, yb, dlogits);
-      opt.zero_grad();
-      model.backward(dlogits);
-      guard.step(loss);
+      const double loss = stepper.step(data, batches.rows(k), batches.size(k));
       bar.step(batches.size(k), loss);
     }
     bar.finish();
   }
   train_stats s;
-  s.seconds_per_epoch = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / c.epochs;
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  s.seconds_per_epoch = seconds / c.epochs;
+  s.comm = stepper.comm(seconds);
+  if (s.comm.ranks > 1) std::printf("  %s: %s\n", c.label.c_str(), s.comm.describe().c_str());
   for (const auto& p : params) s.trainable_params += p.size();
   s.train_state_bytes =
       2 * s.trainable_params * static_cast<std::int64_t>(sizeof(float)) + static_cast<std::int64_t>(opt.state_bytes());
@@ -532,17 +595,17 @@ double accuracy(const Model& model, const labelled& data) {
 /// The loop's first use: the base model of section 2, pretrained on the pretraining images (Adam, lr 1e-3, batch 128),
 /// loaded from the cache when it holds one of the same config.
 base_mlp pretrained_base(const fashion_mnist& data, const options& o) {
-  std::filesystem::create_directories(o.cache_dir);
+  ex::on_root("making the cache folder", [&] { std::filesystem::create_directories(o.cache_dir); });
   const std::string path = ex::cat(o.cache_dir, "/base_mlp_", o.pretrain_epochs, "epochs.safetensors");
   const std::string key =
       ex::cat("seed=", kBaseSeed, ";epochs=", o.pretrain_epochs, ";images=", kPretrainImages, ";lr=1e-3;batch=128");
   base_mlp base(kBaseSeed);
-  if (!o.retrain && load_base(base, path, key)) {
+  if (ex::all_ranks(!o.retrain && load_base(base, path, key), "the agreement on the cached base")) {
     std::printf("using the cached base model %s\n", path.c_str());
   } else {
     std::printf("pretraining the base MLP 784-256-128-10 for %d epochs (cached afterwards)\n", o.pretrain_epochs);
     train(base, data.pretrain, {o.pretrain_epochs, 128, 1e-3, kBaseSeed, "pretrain", o.quiet});
-    save_base(base, path, key);
+    ex::on_root("saving the base", [&] { save_base(base, path, key); });
   }
   return base;
 }
@@ -846,6 +909,7 @@ nlohmann::ordered_json results_json(const options& o, const experiment& e,
                             {"trainable_params", r.stats.trainable_params},
                             {"train_state_bytes", r.stats.train_state_bytes},
                             {"seconds_per_epoch", r.stats.seconds_per_epoch}});
+    if (r.stats.comm.ranks > 1) j["results"].back()["data_parallel"] = ex::comm_json(r.stats.comm);
   }
   j["adapter_check"] = adapter_check;
   return j;
@@ -859,7 +923,7 @@ nlohmann::ordered_json results_json(const options& o, const experiment& e,
 /// model's accuracy equals the trained one's and merging changed no prediction.
 nlohmann::ordered_json check_saved_adapter(const base_mlp& base, const fashion_mnist& data, const best_adapter& best,
                                            const options& o) {
-  best.run.adapter().save(o.adapter_out);
+  ex::on_root("saving the adapter", [&] { best.run.adapter().save(o.adapter_out); });  // then every rank reloads it
   const lora::io::peft_adapter loaded = lora::io::peft_adapter::load(o.adapter_out);
   base_mlp weights = base;  // merging writes into these
   lora_mlp fresh(weights);
@@ -889,6 +953,8 @@ nlohmann::ordered_json check_saved_adapter(const base_mlp& base, const fashion_m
 // ---------------------------------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
+  ex::start_dist(&argc,
+                 &argv);  // under mpirun with several ranks only: data-parallel training (docs/CONVENTIONS.md §dist)
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each line as it comes, through pipes too
   const options o = parse_options(argc, argv);
   try {
@@ -899,7 +965,8 @@ int main(int argc, char** argv) {
     print_table(e, o);
     const auto check = check_saved_adapter(base, data, e.best, o);  // 6. save, reload, merge
     if (!o.json_path.empty()) {
-      lora::io::write_file_atomically(o.json_path, results_json(o, e, check).dump(2) + "\n");
+      ex::on_root("writing the results",
+                  [&] { lora::io::write_file_atomically(o.json_path, results_json(o, e, check).dump(2) + "\n"); });
       std::printf("results written to %s\n", o.json_path.c_str());
     }
     std::printf("total %.0f s, peak RSS %s\n",
@@ -907,7 +974,6 @@ int main(int argc, char** argv) {
                 human_bytes(static_cast<std::int64_t>(ex::peak_rss_bytes())).c_str());
     return check["ok"].get<bool>() ? 0 : 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "fashion_mnist: %s\n", e.what());
-    return 1;
+    return ex::fail_job(ex::cat("fashion_mnist: ", e.what()), 1);
   }
 }

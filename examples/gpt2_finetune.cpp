@@ -51,6 +51,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/dist.hpp"
 #include "common/flags.hpp"
 #include "common/fortunes.hpp"
 #include "common/lm.hpp"
@@ -197,6 +198,11 @@ std::string absolute_dir(const std::string& dir) {
   return ec ? dir : p.string();
 }
 
+/// Prints the reduction's cost (nothing in a single process; stdout is rank 0's alone).
+void print_comm(const ex::comm_report& c) {
+  if (c.ranks > 1) std::printf("%s\n", c.describe().c_str());
+}
+
 // ---------------------------------------------------------------------------------------------------
 // pretrain
 
@@ -329,7 +335,6 @@ json ensure_base(const pretrain_options& o, bool quiet) {
   const ex::eval_result val = ex::evaluate(model, lora::models::tokenizer(tok), val_ids);
   std::printf("pretrained in %.0f s (%.0f tokens/s); validation %.4f bits/byte\n", run.seconds, run.tokens_per_second(),
               val.bits_per_byte());
-  lora::models::save_gpt2(o.out, model.weights());
   json info = {{"recipe", recipe},
                {"config",
                 {{"n_layer", o.config.n_layer},
@@ -351,8 +356,12 @@ json ensure_base(const pretrain_options& o, bool quiet) {
                {"val_bits_per_byte", val.bits_per_byte()},
                {"val_bytes", val.bytes},
                {"curve", run.curve}};
-  lora::io::write_file_atomically(info_path.string(), info.dump(2) + "\n");
+  ex::on_root("saving the base", [&] {
+    lora::models::save_gpt2(o.out, model.weights());
+    lora::io::write_file_atomically(info_path.string(), info.dump(2) + "\n");
+  });
   std::printf("saved the base as a Hugging Face GPT-2 folder in %s\n", o.out.c_str());
+  print_comm(run.comm);
   return info;
 }
 
@@ -587,7 +596,7 @@ int run_finetune(const std::vector<std::string>& args) {
               {"weight_bytes", ex::weight_bytes(*model)}};
   if (!val_ids.empty()) {
     const auto before = ex::evaluate(*model, base.tok, val_ids);
-    std::fprintf(stderr, "validation before: %.4f bits/byte\n", before.bits_per_byte());
+    if (ex::is_root()) std::fprintf(stderr, "validation before: %.4f bits/byte\n", before.bits_per_byte());
     out["val_bits_per_byte_before"] = before.bits_per_byte();
   }
   o.train.run_key = run_key(o);
@@ -600,19 +609,23 @@ int run_finetune(const std::vector<std::string>& args) {
   out["final_train_loss"] = run.curve.empty() ? 0.0 : run.curve.back().second;
   if (!val_ids.empty()) {
     const auto after = ex::evaluate(*model, base.tok, val_ids);
-    std::fprintf(stderr, "validation after: %.4f bits/byte\n", after.bits_per_byte());
+    if (ex::is_root()) std::fprintf(stderr, "validation after: %.4f bits/byte\n", after.bits_per_byte());
     out["val_bits_per_byte"] = after.bits_per_byte();
   }
-  if (o.spec.m == method::lora) {
-    adapter_of(*model, o.model_dir).save(o.out);
-    std::fprintf(stderr, "saved the LoRA adapter (PEFT folder) in %s\n", o.out.c_str());
-  } else {
-    lora::models::save_gpt2(o.out, model->weights());
-    ex::save_base_tokenizer(o.model_dir, o.out);  // the tokenizer goes with the model
-    std::fprintf(stderr, "saved the fine-tuned model (Hugging Face GPT-2 folder) in %s\n", o.out.c_str());
-  }
+  ex::on_root("saving the fine-tuned weights", [&] {
+    if (o.spec.m == method::lora) {
+      adapter_of(*model, o.model_dir).save(o.out);
+      std::fprintf(stderr, "saved the LoRA adapter (PEFT folder) in %s\n", o.out.c_str());
+    } else {
+      lora::models::save_gpt2(o.out, model->weights());
+      ex::save_base_tokenizer(o.model_dir, o.out);  // the tokenizer goes with the model
+      std::fprintf(stderr, "saved the fine-tuned model (Hugging Face GPT-2 folder) in %s\n", o.out.c_str());
+    }
+  });
   out["out"] = o.out;
+  if (run.comm.ranks > 1) out["data_parallel"] = ex::comm_json(run.comm, run.tokens_per_second());
   if (o.json_out) std::printf("%s\n", out.dump(2).c_str());
+  if (ex::is_root() && run.comm.ranks > 1) std::fprintf(stderr, "%s\n", run.comm.describe().c_str());
   return 0;
 }
 
@@ -886,10 +899,12 @@ shift_data load_shift(const study_options& o, const std::string& name, const lor
   const std::size_t caps[3] = {0, o.eval_bytes, o.eval_bytes};
   d.text = ex::read_corpus(o.base.fortunes, d.spec, caps);
   d.dir = (fs::path(o.out) / "data" / name).string();
-  fs::create_directories(d.dir);
-  lora::io::write_file_atomically(d.dir + "/train.txt", d.text.train);
-  lora::io::write_file_atomically(d.dir + "/val.txt", d.text.validation);
-  lora::io::write_file_atomically(d.dir + "/test.txt", d.text.test);
+  ex::on_root("writing a shift's splits", [&] {
+    fs::create_directories(d.dir);
+    lora::io::write_file_atomically(d.dir + "/train.txt", d.text.train);
+    lora::io::write_file_atomically(d.dir + "/val.txt", d.text.validation);
+    lora::io::write_file_atomically(d.dir + "/test.txt", d.text.test);
+  });
   d.train = tok.encode(d.text.train);
   d.val = tok.encode(d.text.validation);
   d.test = tok.encode(d.text.test);
@@ -969,7 +984,7 @@ trained train_run(const ex::base_model& base, const method_spec& ms, double lr, 
 /// magnitude. Over a quantized base a merge re-quantizes and cannot meet that: there the check is that
 /// unmerging gives the reloaded nats back exactly, and the merge's error is reported.
 json check_adapter(const trained& run, const ex::base_model& base, const shift_data& d, const std::string& dir) {
-  adapter_of(*run.model, base.dir).save(dir);
+  ex::on_root("saving an adapter", [&] { adapter_of(*run.model, base.dir).save(dir); });  // then all reload it
   auto fresh = std::make_unique<ex::lm>(ex::clone_weights(base.weights));
   const lora::quant::qtype storage = run.model->base_storage();
   fresh->set_base_storage(storage);
@@ -1280,7 +1295,9 @@ int run_study(const std::vector<std::string>& args) {
   print_table(st, o);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!o.json_path.empty()) {
-    lora::io::write_file_atomically(o.json_path, study_json(st, o, base_info, seconds).dump(2) + "\n");
+    ex::on_root("writing the results", [&] {
+      lora::io::write_file_atomically(o.json_path, study_json(st, o, base_info, seconds).dump(2) + "\n");
+    });
     std::printf("results written to %s\n", o.json_path.c_str());
   }
   std::printf("adapters saved under %s/adapters: reloaded and merged checks %s\n", o.out.c_str(),
@@ -1293,6 +1310,8 @@ int run_study(const std::vector<std::string>& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Under mpirun with several ranks only: data-parallel training (docs/CONVENTIONS.md §dist).
+  ex::start_dist(&argc, &argv);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   if (argc < 2) {
     std::fputs(kUsage, stderr);
@@ -1311,8 +1330,7 @@ int main(int argc, char** argv) {
     if (verb == "generate") return run_generate(args);
     if (verb == "study") return run_study(args);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s %s: %s\n", kProgram, verb.c_str(), e.what());
-    return 1;
+    return ex::fail_job(ex::cat(kProgram, " ", verb, ": ", e.what()), 1);
   }
   std::fprintf(stderr, "%s: unknown verb '%s' (try --help)\n", kProgram, verb.c_str());
   return 2;

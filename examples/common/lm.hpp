@@ -38,6 +38,7 @@
 #include <utility>
 #include <vector>
 
+#include "dist.hpp"
 #include "fortunes.hpp"
 #include "progress.hpp"
 #include "strings.hpp"
@@ -332,12 +333,13 @@ struct train_setup {
 /// What a run cost and how its loss went.
 struct train_outcome {
   std::vector<std::pair<std::int64_t, double>> curve;  ///< (step, mean training loss over the last steps)
-  std::int64_t tokens = 0;                             ///< tokens trained on (this process)
+  std::int64_t tokens = 0;                             ///< tokens trained on (all ranks together)
   double seconds = 0;
   double cpu_seconds = 0;  ///< process CPU time (all threads) while training: steadier on a shared machine
   std::int64_t trainable_params = 0;
   std::int64_t train_state_bytes = 0;  ///< trainable values + their gradients + AdamW's two moments
   std::int64_t start_step = 0;         ///< > 0 when resumed
+  comm_report comm;                    ///< the gradient reduction's cost (data parallel over MPI only)
   double tokens_per_second() const { return seconds > 0 ? static_cast<double>(tokens) / seconds : 0.0; }
 };
 
@@ -372,8 +374,15 @@ inline lora::optim::lr_schedule make_schedule(const train_setup& s) {
 inline std::int64_t resume_from(const std::string& path, const std::string& run_key, lora::optim::optimizer<float>& opt,
                                 lora::rng& gen) {
   // load_checkpoint checks names, shapes and the optimizer kind before it writes anything; the run key
-  // is checked after, and a mismatch ends the program with the model unused.
+  // is checked after, and a mismatch ends the program with the model unused. Over MPI every rank loads
+  // the file and the ranks agree on what they loaded.
+#ifdef LORA_WITH_MPI
+  const lora::io::checkpoint_info info = dist_context() != nullptr
+                                             ? lora::dist::load_checkpoint(*dist_context(), path, opt)
+                                             : lora::io::load_checkpoint(path, opt);
+#else
   const lora::io::checkpoint_info info = lora::io::load_checkpoint(path, opt);
+#endif
   const auto key = info.metadata.find("run");
   if (key == info.metadata.end() || key->second != run_key)
     throw lora::config_error(cat("checkpoint '", path, "' was written by another run: expected run '", run_key,
@@ -384,7 +393,123 @@ inline std::int64_t resume_from(const std::string& path, const std::string& run_
   return info.step;
 }
 
+/// One optimizer step's gradient: s.accum micro-batches of s.batch random windows, each drawn whole from
+/// `gen`. In a single process the gradients of loss / accum add up and the guard steps; with `dp` (data
+/// parallel over MPI) every rank draws the same windows and computes its shard of them (loss scale 1 on
+/// its own rows), and dp weighs, reduces and steps. Returns the step's mean loss over all its windows.
+class lm_stepper {
+ public:
+  lm_stepper(lm& model, lora::optim::step_guard<float>& guard, const train_setup& s);
+  ~lm_stepper() { m_model.set_backward_hook({}); }
+  lm_stepper(const lm_stepper&) = delete;
+  lm_stepper& operator=(const lm_stepper&) = delete;
+
+  double step(const token_list& data, lora::rng& gen);
+  /// What the reduction cost so far (ranks 1 in a single process).
+  comm_report comm(double train_seconds) const;
+
+ private:
+  lm& m_model;
+  lora::optim::step_guard<float>& m_guard;
+  const train_setup& m_setup;
+  token_list m_tokens, m_targets;
+#ifdef LORA_WITH_MPI
+  std::unique_ptr<lora::dist::data_parallel<float>> m_dp;
+  std::vector<lora::parameter_list<float>> m_block_params;  ///< per block: its layers' trainable parameters
+  void dist_micro_batch();
+#endif
+};
+
+inline lm_stepper::lm_stepper(lm& model, lora::optim::step_guard<float>& guard, const train_setup& s)
+    : m_model(model), m_guard(guard), m_setup(s) {
+#ifdef LORA_WITH_MPI
+  if (dist_context() == nullptr) return;
+  lora::dist::data_parallel_options o;
+  o.micro_batches = s.accum;
+  // About one block's adapters per bucket (64 KiB to 1 MiB): the last blocks' buckets are summed while the
+  // first blocks still run backward, instead of one bucket that starts when backward is nearly done.
+  std::size_t bytes = 0;
+  for (const auto& p : guard.wrapped().parameters()) bytes += static_cast<std::size_t>(p.size()) * sizeof(float);
+  o.bucket_bytes = std::clamp<std::size_t>(bytes / static_cast<std::size_t>(model.config().n_layer),
+                                           std::size_t{64} << 10, lora::dist::default_bucket_bytes);
+  m_dp = std::make_unique<lora::dist::data_parallel<float>>(*dist_context(), guard, o);
+  // Block l's adapter parameters are final once its backward is done: mark them ready from the model's
+  // hook, so that their buckets are reduced while the earlier blocks still run backward.
+  std::vector<const float*> trained;
+  for (const auto& p : guard.wrapped().parameters()) trained.push_back(p.grad_data);
+  for (lora::index l = 0; l < model.config().n_layer; ++l) {
+    lora::parameter_list<float> block;
+    for (int m = 0; m < lora::models::gpt2_module_count; ++m)
+      for (const auto& p : model.layer(l, static_cast<lora::models::gpt2_module>(m)).parameters())
+        if (std::find(trained.begin(), trained.end(), p.grad_data) != trained.end()) block.push_back(p);
+    m_block_params.push_back(std::move(block));
+  }
+  model.set_backward_hook([this](lora::index l) { m_dp->mark_ready(m_block_params[static_cast<std::size_t>(l)]); });
+#endif
+}
+
+#ifdef LORA_WITH_MPI
+/// One micro-batch of a data-parallel step: this rank's rows of the global batch in m_tokens / m_targets.
+/// On the step's last micro-batch dp reduces and steps.
+inline void lm_stepper::dist_micro_batch() {
+  const lora::dist::mpi_context& ctx = *dist_context();
+  const auto local = lora::dist::shard(static_cast<std::size_t>(m_setup.batch), ctx.rank(), ctx.size());
+  m_dp->begin_micro_batch(local);
+  double loss = 0;
+  if (!local.empty()) {  // an empty shard still makes every call, with weight 0
+    const auto t = static_cast<std::ptrdiff_t>(m_setup.context);
+    const auto first = static_cast<std::ptrdiff_t>(local.begin) * t, last = static_cast<std::ptrdiff_t>(local.end) * t;
+    const token_list tokens(m_tokens.begin() + first, m_tokens.begin() + last);
+    const token_list targets(m_targets.begin() + first, m_targets.begin() + last);
+    loss = m_model.forward_backward(tokens, targets, static_cast<lora::index>(local.size()), m_setup.context, 1.0);
+  }
+  m_dp->accumulate(loss);
+}
+#endif
+
+inline double lm_stepper::step(const token_list& data, lora::rng& gen) {
+  const train_setup& s = m_setup;
+  double loss = 0;
+  for (std::int64_t k = 0; k < s.accum; ++k) {
+    sample_batch(data, s.batch, s.context, gen, m_tokens, m_targets);  // the global batch, on every rank
+#ifdef LORA_WITH_MPI
+    if (m_dp) {
+      dist_micro_batch();
+      continue;
+    }
+#endif
+    loss += m_model.forward_backward(m_tokens, m_targets, s.batch, s.context, 1.0 / static_cast<double>(s.accum));
+  }
+#ifdef LORA_WITH_MPI
+  if (m_dp) return m_dp->last_loss();  // the global mean, the same on every rank
+#endif
+  loss /= static_cast<double>(s.accum);
+  m_guard.step(loss);
+  m_model.zero_grad();
+  return loss;
+}
+
+inline comm_report lm_stepper::comm(double train_seconds) const {
+#ifdef LORA_WITH_MPI
+  if (m_dp) return report_of(*m_dp, train_seconds);
+#endif
+  comm_report c;
+  c.train_seconds = train_seconds;
+  return c;
+}
+
+/// Writes a checkpoint (rank 0 alone over MPI, every rank waiting for the file).
+inline void save_train_checkpoint(const std::string& path, const lora::optim::optimizer<float>& opt,
+                                  const lora::io::checkpoint_info& info) {
+#ifdef LORA_WITH_MPI
+  if (dist_context() != nullptr) return lora::dist::save_checkpoint(*dist_context(), path, opt, info);
+#endif
+  lora::io::save_checkpoint(path, opt, info);
+}
+
 /// AdamW on the model's trainable parameters, next-token cross-entropy on random windows of `data`.
+/// Over MPI (dist_context()), data parallel: the same global batches as one process, each rank computing
+/// its shard of the sequences, one gradient reduction per optimizer step; rank 0 alone shows progress.
 inline train_outcome train_lm(lm& model, const token_list& data, const train_setup& s) {
   if (data.size() <= static_cast<std::size_t>(s.context) + 1)
     throw lora::config_error(cat("training text of ", data.size(), " tokens is too short for context ", s.context));
@@ -399,23 +524,23 @@ inline train_outcome train_lm(lm& model, const token_list& data, const train_set
   const auto schedule = make_schedule(s);
   lora::rng gen(s.seed);
   train_outcome out;
+  model.train(true);
+  model.zero_grad();
+  lm_stepper stepper(model, guard, s);  // over MPI: broadcasts rank 0's parameters
   if (!s.resume.empty()) out.start_step = resume_from(s.resume, s.run_key, opt, gen);
   const auto save = [&](std::int64_t step) {
     lora::io::checkpoint_info info;
     info.step = step;
     info.rngs["data"] = gen.state();
     info.metadata["run"] = s.run_key;
-    lora::io::save_checkpoint(s.checkpoint, opt, info);
+    save_train_checkpoint(s.checkpoint, opt, info);
   };
   for (const auto& p : params) out.trainable_params += p.size();
   out.train_state_bytes = 2 * out.trainable_params * static_cast<std::int64_t>(sizeof(float)) +
                           static_cast<std::int64_t>(opt.state_bytes());
-  model.train(true);
-  model.zero_grad();
-  progress_bar bar(s.quiet);
+  progress_bar bar(s.quiet || !is_root());
   bar.begin(s.label,
             std::max<std::int64_t>(0, (s.stop_after > 0 ? std::min(s.stop_after, s.steps) : s.steps) - out.start_step));
-  token_list tokens, targets;
   double window_loss = 0;
   std::int64_t window_steps = 0;
   const auto start = std::chrono::steady_clock::now();
@@ -423,14 +548,7 @@ inline train_outcome train_lm(lm& model, const token_list& data, const train_set
   const std::int64_t last = s.stop_after > 0 ? std::min(s.stop_after, s.steps) : s.steps;
   for (std::int64_t step = out.start_step; step < last; ++step) {
     schedule.apply(opt);
-    double loss = 0;
-    for (std::int64_t k = 0; k < s.accum; ++k) {
-      sample_batch(data, s.batch, s.context, gen, tokens, targets);
-      loss += model.forward_backward(tokens, targets, s.batch, s.context, 1.0 / static_cast<double>(s.accum));
-    }
-    loss /= static_cast<double>(s.accum);
-    guard.step(loss);
-    model.zero_grad();
+    const double loss = stepper.step(data, gen);
     out.tokens += s.accum * s.batch * s.context;
     bar.step(s.accum * s.batch * s.context, loss);
     window_loss += loss;
@@ -443,6 +561,7 @@ inline train_outcome train_lm(lm& model, const token_list& data, const train_set
   }
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   out.cpu_seconds = static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
+  out.comm = stepper.comm(out.seconds);
   bar.finish();
   if (!s.checkpoint.empty()) save(last);
   model.train(false);

@@ -30,6 +30,7 @@
 #include <Eigen/Core>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -150,6 +151,10 @@ class gpt2 {
   /// parameter. shape_error on sizes, seq > n_positions or ids out of range.
   double forward_backward(const token_list& tokens, const token_list& targets, index batch, index seq,
                           double loss_scale = 1.0);
+  /// Called by forward_backward() right after block l's backward, for l = L−1 down to 0 (empty: none, the
+  /// default). Block l's adapter gradients (layer(l, m).parameters()) are final for this call then, so
+  /// data-parallel training can start reducing them while earlier blocks still run backward (lora/dist).
+  void set_backward_hook(std::function<void(index block)> hook) { m_backward_hook = std::move(hook); }
 
   /// Turns the per-phase timer on (and resets it) or off.
   void set_profiling(bool on);
@@ -235,6 +240,7 @@ class gpt2 {
   std::vector<Scalar> m_att_scratch;
   bool m_profiling = false;
   gpt2_profile m_profile;
+  std::function<void(index)> m_backward_hook;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -554,7 +560,10 @@ double gpt2<Scalar>::forward_backward(const token_list& tokens, const token_list
     m_dx.setZero(m_xf.rows(), m_xf.cols());
     layer_norm_backward(m_dh, m_xf, m_weights.ln_f_weight(), m_lnf, m_dx, grad_of(lnf), grad_of(lnf + 1), m_scratch);
   }
-  for (index l = L - 1; l >= 0; --l) block_backward(l, m_blocks[static_cast<std::size_t>(l)], batch, seq, m_dx);
+  for (index l = L - 1; l >= 0; --l) {
+    block_backward(l, m_blocks[static_cast<std::size_t>(l)], batch, seq, m_dx);
+    if (m_backward_hook) m_backward_hook(l);
+  }
   embed_backward(m_dx);
   return loss;
 }
