@@ -24,15 +24,9 @@ using lora_test::random_config;
 using lora_test::random_matrix;
 using lora_test::rel_error;
 
-const std::vector<std::string> row_names = {"b", "a", lora::base_adapter, "c", "a", "b", "", "c", "a"};
-const std::vector<double> row_scales = {1.0, 0.5, 1.0, -2.0, 1.0, 1.0, 1.0, 3.0, 1.0};
-
-template <typename Layer>
-void add_three(Layer& layer) {
-  layer.add_adapter("a", random_config(2, 4.0, 1));
-  layer.add_adapter("b", random_config(5, 5.0, 2));
-  layer.add_adapter("c", random_config(8, 32.0, 3));
-}
+const std::vector<std::string>& row_names = lora_test::mixed_row_names;
+const std::vector<double>& row_scales = lora_test::mixed_row_scales;
+using lora_test::add_three;
 
 /// Adapter `name` of `layer` as a PEFT adapter with one module, "m".
 template <typename Layer>
